@@ -1,0 +1,1 @@
+"""PyTorch → ONNX export toolkit for carryover's recurrent-model contract."""

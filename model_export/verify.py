@@ -1,0 +1,252 @@
+"""``carryover verify``: check the invariant on an exported model, through the serving runtime.
+
+Random sequences are split into random chunks and run in random padded batches next to each
+other (right padding, left padding, holes, all-padding rows, T values unlike the export
+example, B = 1 and B > 1), carrying each sequence's state from batch to batch exactly as the
+service does. Every sequence's outputs and final state must equal its unpadded B = 1 run, and
+(with ``--torch-module``) PyTorch's own step-by-step run. Padded outputs must be zero and an
+all-padding row must leave its state byte-identical. Torch is imported only for that option.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.contract import ModelContract
+from service.model import RecurrentModel
+
+Layout = str  # "right" | "left" | "holes" | "empty"
+
+
+@dataclass
+class VerifyReport:
+    model: str
+    tolerance: float
+    sequences: int = 0
+    batches: int = 0
+    batch_sizes: set[int] = field(default_factory=set)
+    batch_steps: set[int] = field(default_factory=set)
+    layouts: set[Layout] = field(default_factory=set)
+    worst_output_error: float = 0.0
+    worst_state_error: float = 0.0
+    worst_torch_error: float | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def render(self) -> str:
+        lines = [
+            f"verify {self.model}: {'OK' if self.ok else 'FAILED'}",
+            f"  {self.sequences} sequences in {self.batches} padded batches "
+            f"(B {min(self.batch_sizes, default=0)}..{max(self.batch_sizes, default=0)}, "
+            f"T {min(self.batch_steps, default=0)}..{max(self.batch_steps, default=0)}; "
+            f"layouts: {', '.join(sorted(self.layouts))})",
+            f"  worst |error| vs unpadded B=1 run: outputs {self.worst_output_error:.3g}, "
+            f"states {self.worst_state_error:.3g} (tolerance {self.tolerance:g})",
+        ]
+        if self.worst_torch_error is not None:
+            lines.append(f"  worst |error| vs PyTorch: {self.worst_torch_error:.3g}")
+        lines += [f"  FAIL: {f}" for f in self.failures[:10]]
+        return "\n".join(lines)
+
+
+def random_inputs(contract: ModelContract, steps: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Inputs for one sequence, ``[T, ...]``: token ids within the vocab, or standard normals."""
+    out = {}
+    for t in contract.inputs:
+        if t.dtype.kind in "iu":
+            high = len(contract.vocab) if contract.vocab else 16
+            out[t.name] = rng.integers(0, high, size=(steps, *t.shape)).astype(t.dtype)
+        else:
+            out[t.name] = rng.standard_normal((steps, *t.shape)).astype(t.dtype)
+    return out
+
+
+def unpadded_run(model: RecurrentModel, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The reference: one sequence alone, B = 1, no padding, from the initial state."""
+    steps = next(iter(inputs.values())).shape[0]
+    result = model.run({k: v[None] for k, v in inputs.items()}, np.ones((1, steps), bool),
+                       model.contract.initial_states(1))
+    return ({k: v[0] for k, v in result.outputs.items()}, {k: v[0] for k, v in result.states.items()})
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of a padded batch: ``positions`` are the real steps of ``sequence``'s next chunk
+    (in order); the other columns are padding. No positions = an all-padding row."""
+
+    sequence: int
+    positions: tuple[int, ...]
+
+    def layout(self, width: int) -> Layout:
+        n = len(self.positions)
+        if n == 0:
+            return "empty"
+        if self.positions == tuple(range(n)):
+            return "right"
+        if self.positions == tuple(range(width - n, width)):
+            return "left"
+        return "holes"
+
+
+@dataclass(frozen=True)
+class Batch:
+    width: int
+    rows: tuple[Row, ...]
+
+
+@dataclass
+class ScheduleResult:
+    outputs: list[dict[str, np.ndarray]]  # per sequence, [T, ...] over its real steps
+    states: list[dict[str, np.ndarray]]  # per sequence, final state [1, ...]
+    failures: list[str]
+
+
+def random_schedule(lengths: list[int], rng: np.random.Generator, max_chunk: int) -> list[Batch]:
+    """Random chunkings of every sequence, laid into random padded batches (B = 1 first)."""
+    remaining = list(lengths)
+    schedule: list[Batch] = []
+    while any(remaining):
+        pending = [i for i, n in enumerate(remaining) if n]
+        if not schedule:
+            chosen = [pending[0]]
+        else:
+            chosen = rng.choice(pending, size=int(rng.integers(1, len(pending) + 1)), replace=False).tolist()
+        sizes = [int(min(remaining[i], rng.integers(1, max_chunk + 1))) for i in chosen]
+        width = max(sizes) + int(rng.integers(0, 4))
+        rows = []
+        for i, size in zip(chosen, sizes, strict=True):
+            layout = ("right", "left", "holes")[int(rng.integers(0, 3))]
+            if layout == "right":
+                positions = tuple(range(size))
+            elif layout == "left":
+                positions = tuple(range(width - size, width))
+            else:
+                positions = tuple(int(p) for p in np.sort(rng.choice(width, size=size, replace=False)))
+            rows.append(Row(int(i), positions))
+            remaining[i] -= size
+        idle = [i for i in range(len(lengths)) if i not in chosen]
+        if idle and rng.random() < 0.5:
+            rows.append(Row(int(rng.choice(idle)), ()))
+        schedule.append(Batch(width, tuple(rows)))
+    return schedule
+
+
+def run_schedule(model: RecurrentModel, data: list[dict[str, np.ndarray]], schedule: list[Batch]) -> ScheduleResult:
+    """Run ``schedule`` the way the service does: each sequence's state carried between batches."""
+    c = model.contract
+    lengths = [next(iter(d.values())).shape[0] for d in data]
+    offset = [0] * len(data)
+    states = [c.initial_states(1) for _ in data]
+    got = [{t.name: np.zeros((n, *t.shape), t.dtype) for t in c.outputs} for n in lengths]
+    failures: list[str] = []
+    for batch in schedule:
+        mask = np.zeros((len(batch.rows), batch.width), bool)
+        inputs = {t.name: np.zeros((len(batch.rows), batch.width, *t.shape), t.dtype) for t in c.inputs}
+        for r, row in enumerate(batch.rows):
+            mask[r, list(row.positions)] = True
+            for name, x in data[row.sequence].items():
+                inputs[name][r, mask[r]] = x[offset[row.sequence]: offset[row.sequence] + len(row.positions)]
+        before = [states[row.sequence] for row in batch.rows]
+        result = model.run(inputs, mask, {s.input: np.concatenate([b[s.input] for b in before]) for s in c.states})
+        for r, row in enumerate(batch.rows):
+            i, n = row.sequence, len(row.positions)
+            for name, y in result.outputs.items():
+                if np.any(y[r, ~mask[r]] != 0):
+                    failures.append(f"output {name!r} is not zero at padded steps (sequence {i})")
+                got[i][name][offset[i]: offset[i] + n] = y[r, mask[r]]
+            states[i] = {k: v[r: r + 1] for k, v in result.states.items()}
+            if n == 0 and any(states[i][k].tobytes() != before[r][k].tobytes() for k in states[i]):
+                failures.append(f"an all-padding row changed the state of sequence {i}")
+            offset[i] += n
+    return ScheduleResult(got, states, failures)
+
+
+def compare(result: ScheduleResult, refs: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]
+            ) -> tuple[float, float]:
+    """Worst output and state error of a schedule's results against the unpadded references."""
+    out_err = state_err = 0.0
+    for got, got_state, (ref_out, ref_state) in zip(result.outputs, result.states, refs, strict=True):
+        out_err = max(out_err, *(_max_err(got[k], ref_out[k]) for k in ref_out))
+        state_err = max(state_err, *(_max_err(got_state[k][0], ref_state[k]) for k in ref_state))
+    return out_err, state_err
+
+
+def _max_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0))
+
+
+def verify_model(model: RecurrentModel, *, sequences: int = 8, max_len: int = 40, max_chunk: int = 9,
+                 rounds: int = 3, seed: int = 0, tolerance: float = 1e-5, torch_module: Any | None = None
+                 ) -> VerifyReport:
+    """``rounds`` random schedules over the same random sequences; see the module doc."""
+    rng = np.random.default_rng(seed)
+    c = model.contract
+    report = VerifyReport(model.name, tolerance, sequences=sequences)
+    lengths = [1, *rng.integers(2, max_len + 1, size=sequences - 1).tolist()]
+    data = [random_inputs(c, n, rng) for n in lengths]
+    try:
+        refs = [unpadded_run(model, d) for d in data]
+        for _ in range(rounds):
+            schedule = random_schedule(lengths, rng, max_chunk)
+            result = run_schedule(model, data, schedule)
+            report.failures.extend(dict.fromkeys(result.failures))
+            for batch in schedule:
+                report.batches += 1
+                report.batch_sizes.add(len(batch.rows))
+                report.batch_steps.add(batch.width)
+                report.layouts.update(row.layout(batch.width) for row in batch.rows)
+            out_err, state_err = compare(result, refs)
+            report.worst_output_error = max(report.worst_output_error, out_err)
+            report.worst_state_error = max(report.worst_state_error, state_err)
+    except Exception as e:  # a T-frozen graph often fails outright: report it, don't crash
+        report.failures.append(f"running the model failed: {type(e).__name__}: {e}")
+        return report
+    if max(report.worst_output_error, report.worst_state_error) > tolerance:
+        report.failures.append(f"chunked, padded runs differ from the unpadded B=1 runs by "
+                               f"{max(report.worst_output_error, report.worst_state_error):.3g}")
+    if torch_module is not None:
+        report.worst_torch_error = compare_with_torch(torch_module, c, data, refs)
+        if report.worst_torch_error > tolerance:
+            report.failures.append(f"ONNX differs from PyTorch by {report.worst_torch_error:.3g}")
+    return report
+
+
+def compare_with_torch(module: Any, contract: ModelContract, data: list[dict[str, np.ndarray]],
+                       refs: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]) -> float:
+    """Worst difference between the ONNX reference and the module's own step-by-step run."""
+    import torch
+
+    module.eval()
+    worst = 0.0
+    with torch.no_grad():
+        for inputs, (ref_out, ref_state) in zip(data, refs, strict=True):
+            state = tuple(module.initial_state(1))
+            steps = next(iter(inputs.values())).shape[0]
+            for t in range(steps):
+                args = [torch.from_numpy(inputs[i.name][t: t + 1]) for i in contract.inputs]
+                result = module(*args, *state)
+                n_out = len(contract.outputs)
+                for o, y in zip(contract.outputs, result[:n_out], strict=True):
+                    worst = max(worst, _max_err(y.numpy()[0], ref_out[o.name][t]))
+                state = tuple(result[n_out:])
+            for s, value in zip(contract.states, state, strict=True):
+                worst = max(worst, _max_err(np.moveaxis(value.numpy(), s.batch_axis, 0)[0], ref_state[s.input]))
+    return worst
+
+
+def load_torch_module(spec: str) -> Any:
+    """``package.module:attribute`` where the attribute is a module or a zero-argument factory."""
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise ValueError(f"--torch-module {spec!r} must look like package.module:factory")
+    obj = getattr(importlib.import_module(module_name), attr)
+    import torch
+
+    return obj if isinstance(obj, torch.nn.Module) else obj()

@@ -1,0 +1,61 @@
+"""The ``carryover`` command: ``serve``, ``verify`` (and later ``client``, ``bench``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "charlm.onnx"
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from model_export.verify import load_torch_module, verify_model
+    from service.contract import ModelContractError
+    from service.model import RecurrentModel
+
+    try:
+        model = RecurrentModel(args.model, state_pairs=args.state or None, providers=args.providers)
+    except ModelContractError as e:
+        print(f"verify {args.model}: FAILED\n  the model breaks the contract: {e}")
+        return 1
+    module = load_torch_module(args.torch_module) if args.torch_module else None
+    report = verify_model(model, sequences=args.sequences, max_len=args.max_len, seed=args.seed,
+                          tolerance=args.tolerance, torch_module=module)
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="carryover", description="Streaming inference for recurrent models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    verify = sub.add_parser("verify", help="check the carry invariant of an exported model",
+                            description="Run random chunkings and paddings of random sequences and compare "
+                                        "with the unpadded B=1 run (and PyTorch with --torch-module).")
+    verify.add_argument("model", type=Path, nargs="?", default=BUNDLED_MODEL, help="ONNX file (default: bundled char LM)")
+    verify.add_argument("--torch-module", help="package.module:factory returning the exported nn.Module")
+    verify.add_argument("--state", action="append", metavar="IN:OUT[:AXIS]", help="state pair for models without metadata")
+    verify.add_argument("--providers", nargs="+", help="execution providers, e.g. cuda cpu")
+    verify.add_argument("--sequences", type=int, default=8)
+    verify.add_argument("--max-len", type=int, default=40)
+    verify.add_argument("--seed", type=int, default=0)
+    verify.add_argument("--tolerance", type=float, default=1e-5)
+    verify.set_defaults(func=_verify)
+
+    from service.serve import add_serve_parser
+
+    add_serve_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
