@@ -147,9 +147,7 @@ class RecurrentNet(nn.Module):
             inputs = (DataSpec("tokens", (), torch.int64),)
             outputs = (DataSpec("logits", (out_size,)),)
             return CellSpec(inputs, outputs, tuple(states), "token_lm", self.vocab, self.unk_id)
-        return CellSpec(
-            (DataSpec("x", (self.input_size,)),), (DataSpec("y", (out_size,)),), tuple(states)
-        )
+        return CellSpec((DataSpec("x", (self.input_size,)),), (DataSpec("y", (out_size,)),), tuple(states))
 
     def initial_state(self, batch_size: int) -> tuple[Tensor, ...]:
         h = torch.zeros(self.num_layers, batch_size, self.hidden_size)
@@ -157,7 +155,8 @@ class RecurrentNet(nn.Module):
 
     def _embed(self, x: Tensor) -> Tensor:
         if self.embedding is not None:
-            return self.embedding(x)
+            embedded: Tensor = self.embedding(x)
+            return embedded
         if self.projection is not None:
             return torch.tanh(self.projection(x))
         return x

@@ -38,10 +38,9 @@ def is_held_out(relative: str) -> bool:
 
 def split_stdlib(root: Path | None = None) -> Corpus:
     root = root or stdlib_root()
-    files = sorted(
-        f for f in root.rglob("*.py") if not {"site-packages", "dist-packages"} & set(f.parts)
-    )
-    train, held = [], []
+    files = sorted(f for f in root.rglob("*.py") if not {"site-packages", "dist-packages"} & set(f.parts))
+    train: list[Path] = []
+    held: list[Path] = []
     for f in files:
         (held if is_held_out(f.relative_to(root).as_posix()) else train).append(f)
     return Corpus(train, held)

@@ -19,8 +19,8 @@ from typing import Literal
 
 import numpy as np
 import onnx
-import torch
 import onnx.inliner
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from model_export.cells import CellSpec, StepCell

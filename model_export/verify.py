@@ -68,11 +68,14 @@ def random_inputs(contract: ModelContract, steps: int, rng: np.random.Generator)
     return out
 
 
-def unpadded_run(model: RecurrentModel, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def unpadded_run(
+    model: RecurrentModel, inputs: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The reference: one sequence alone, B = 1, no padding, from the initial state."""
     steps = next(iter(inputs.values())).shape[0]
-    result = model.run({k: v[None] for k, v in inputs.items()}, np.ones((1, steps), bool),
-                       model.contract.initial_states(1))
+    result = model.run(
+        {k: v[None] for k, v in inputs.items()}, np.ones((1, steps), bool), model.contract.initial_states(1)
+    )
     return ({k: v[0] for k, v in result.outputs.items()}, {k: v[0] for k, v in result.states.items()})
 
 
@@ -118,7 +121,7 @@ def random_schedule(lengths: list[int], rng: np.random.Generator, max_chunk: int
             chosen = [pending[0]]
         else:
             chosen = rng.choice(pending, size=int(rng.integers(1, len(pending) + 1)), replace=False).tolist()
-        sizes = [int(min(remaining[i], rng.integers(1, max_chunk + 1))) for i in chosen]
+        sizes = [min(remaining[i], int(rng.integers(1, max_chunk + 1))) for i in chosen]
         width = max(sizes) + int(rng.integers(0, 4))
         rows = []
         for i, size in zip(chosen, sizes, strict=True):
@@ -152,7 +155,7 @@ def run_schedule(model: RecurrentModel, data: list[dict[str, np.ndarray]], sched
         for r, row in enumerate(batch.rows):
             mask[r, list(row.positions)] = True
             for name, x in data[row.sequence].items():
-                inputs[name][r, mask[r]] = x[offset[row.sequence]: offset[row.sequence] + len(row.positions)]
+                inputs[name][r, mask[r]] = x[offset[row.sequence] : offset[row.sequence] + len(row.positions)]
         before = [states[row.sequence] for row in batch.rows]
         result = model.run(inputs, mask, {s.input: np.concatenate([b[s.input] for b in before]) for s in c.states})
         for r, row in enumerate(batch.rows):
@@ -160,16 +163,17 @@ def run_schedule(model: RecurrentModel, data: list[dict[str, np.ndarray]], sched
             for name, y in result.outputs.items():
                 if np.any(y[r, ~mask[r]] != 0):
                     failures.append(f"output {name!r} is not zero at padded steps (sequence {i})")
-                got[i][name][offset[i]: offset[i] + n] = y[r, mask[r]]
-            states[i] = {k: v[r: r + 1] for k, v in result.states.items()}
+                got[i][name][offset[i] : offset[i] + n] = y[r, mask[r]]
+            states[i] = {k: v[r : r + 1] for k, v in result.states.items()}
             if n == 0 and any(states[i][k].tobytes() != before[r][k].tobytes() for k in states[i]):
                 failures.append(f"an all-padding row changed the state of sequence {i}")
             offset[i] += n
     return ScheduleResult(got, states, failures)
 
 
-def compare(result: ScheduleResult, refs: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]
-            ) -> tuple[float, float]:
+def compare(
+    result: ScheduleResult, refs: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]
+) -> tuple[float, float]:
     """Worst output and state error of a schedule's results against the unpadded references."""
     out_err = state_err = 0.0
     for got, got_state, (ref_out, ref_state) in zip(result.outputs, result.states, refs, strict=True):
@@ -182,9 +186,17 @@ def _max_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0))
 
 
-def verify_model(model: RecurrentModel, *, sequences: int = 8, max_len: int = 40, max_chunk: int = 9,
-                 rounds: int = 3, seed: int = 0, tolerance: float = 1e-5, torch_module: Any | None = None
-                 ) -> VerifyReport:
+def verify_model(
+    model: RecurrentModel,
+    *,
+    sequences: int = 8,
+    max_len: int = 40,
+    max_chunk: int = 9,
+    rounds: int = 3,
+    seed: int = 0,
+    tolerance: float = 1e-5,
+    torch_module: Any | None = None,
+) -> VerifyReport:
     """``rounds`` random schedules over the same random sequences; see the module doc."""
     rng = np.random.default_rng(seed)
     c = model.contract
@@ -209,8 +221,10 @@ def verify_model(model: RecurrentModel, *, sequences: int = 8, max_len: int = 40
         report.failures.append(f"running the model failed: {type(e).__name__}: {e}")
         return report
     if max(report.worst_output_error, report.worst_state_error) > tolerance:
-        report.failures.append(f"chunked, padded runs differ from the unpadded B=1 runs by "
-                               f"{max(report.worst_output_error, report.worst_state_error):.3g}")
+        report.failures.append(
+            f"chunked, padded runs differ from the unpadded B=1 runs by "
+            f"{max(report.worst_output_error, report.worst_state_error):.3g}"
+        )
     if torch_module is not None:
         report.worst_torch_error = compare_with_torch(torch_module, c, data, refs)
         if report.worst_torch_error > tolerance:
@@ -218,8 +232,12 @@ def verify_model(model: RecurrentModel, *, sequences: int = 8, max_len: int = 40
     return report
 
 
-def compare_with_torch(module: Any, contract: ModelContract, data: list[dict[str, np.ndarray]],
-                       refs: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]) -> float:
+def compare_with_torch(
+    module: Any,
+    contract: ModelContract,
+    data: list[dict[str, np.ndarray]],
+    refs: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
+) -> float:
     """Worst difference between the ONNX reference and the module's own step-by-step run."""
     import torch
 
@@ -230,7 +248,7 @@ def compare_with_torch(module: Any, contract: ModelContract, data: list[dict[str
             state = tuple(module.initial_state(1))
             steps = next(iter(inputs.values())).shape[0]
             for t in range(steps):
-                args = [torch.from_numpy(inputs[i.name][t: t + 1]) for i in contract.inputs]
+                args = [torch.from_numpy(inputs[i.name][t : t + 1]) for i in contract.inputs]
                 result = module(*args, *state)
                 n_out = len(contract.outputs)
                 for o, y in zip(contract.outputs, result[:n_out], strict=True):

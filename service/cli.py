@@ -21,8 +21,14 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"verify {args.model}: FAILED\n  the model breaks the contract: {e}")
         return 1
     module = load_torch_module(args.torch_module) if args.torch_module else None
-    report = verify_model(model, sequences=args.sequences, max_len=args.max_len, seed=args.seed,
-                          tolerance=args.tolerance, torch_module=module)
+    report = verify_model(
+        model,
+        sequences=args.sequences,
+        max_len=args.max_len,
+        seed=args.seed,
+        tolerance=args.tolerance,
+        torch_module=module,
+    )
     print(report.render())
     return 0 if report.ok else 1
 
@@ -31,12 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="carryover", description="Streaming inference for recurrent models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    verify = sub.add_parser("verify", help="check the carry invariant of an exported model",
-                            description="Run random chunkings and paddings of random sequences and compare "
-                                        "with the unpadded B=1 run (and PyTorch with --torch-module).")
-    verify.add_argument("model", type=Path, nargs="?", default=BUNDLED_MODEL, help="ONNX file (default: bundled char LM)")
+    verify = sub.add_parser(
+        "verify",
+        help="check the carry invariant of an exported model",
+        description="Run random chunkings and paddings of random sequences and compare "
+        "with the unpadded B=1 run (and PyTorch with --torch-module).",
+    )
+    verify.add_argument(
+        "model", type=Path, nargs="?", default=BUNDLED_MODEL, help="ONNX file (default: bundled char LM)"
+    )
     verify.add_argument("--torch-module", help="package.module:factory returning the exported nn.Module")
-    verify.add_argument("--state", action="append", metavar="IN:OUT[:AXIS]", help="state pair for models without metadata")
+    verify.add_argument(
+        "--state", action="append", metavar="IN:OUT[:AXIS]", help="state pair for models without metadata"
+    )
     verify.add_argument("--providers", nargs="+", help="execution providers, e.g. cuda cpu")
     verify.add_argument("--sequences", type=int, default=8)
     verify.add_argument("--max-len", type=int, default=40)

@@ -48,8 +48,13 @@ class StateTensor:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
     def describe(self) -> dict[str, object]:
-        return {"input": self.input, "output": self.output, "dtype": self.dtype.name,
-                "shape": list(self.shape), "batch_axis": self.batch_axis}
+        return {
+            "input": self.input,
+            "output": self.output,
+            "dtype": self.dtype.name,
+            "shape": list(self.shape),
+            "batch_axis": self.batch_axis,
+        }
 
 
 @dataclass(frozen=True)
@@ -136,9 +141,7 @@ def parse_metadata(raw: str) -> DeclaredContract:
     unk_id = meta.get("unk_id")
     if kind == "token_lm":
         raw_vocab = meta.get("vocab")
-        if isinstance(raw_vocab, str):
-            vocab = tuple(raw_vocab)
-        elif isinstance(raw_vocab, list) and all(isinstance(v, str) for v in raw_vocab):
+        if isinstance(raw_vocab, str) or (isinstance(raw_vocab, list) and all(isinstance(v, str) for v in raw_vocab)):
             vocab = tuple(raw_vocab)
         else:
             raise ModelContractError("token_lm metadata needs 'vocab': a string or a list of token strings")

@@ -37,12 +37,21 @@ from service.contract import (
 log = logging.getLogger(__name__)
 
 _ORT_DTYPES: dict[str, Any] = {
-    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16,
-    "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
 }
-PROVIDER_ALIASES = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider",
-                    "tensorrt": "TensorrtExecutionProvider"}
+PROVIDER_ALIASES = {
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
 STEP_MASK = "carryover_mask_t"
 Dim = int | str | None
 
@@ -82,7 +91,8 @@ def _external_locations(model: onnx.ModelProto) -> set[str]:
 def _dtype(ort_type: str, what: str) -> np.dtype[Any]:
     if ort_type not in _ORT_DTYPES:
         raise ModelContractError(f"{what} has unsupported type {ort_type}")
-    return np.dtype(_ORT_DTYPES[ort_type])
+    dtype: np.dtype[Any] = np.dtype(_ORT_DTYPES[ort_type])
+    return dtype
 
 
 def _static_tail(name: str, shape: list[Dim], dynamic_axes: tuple[int, ...], what: str) -> tuple[int, ...]:
@@ -93,7 +103,8 @@ def _static_tail(name: str, shape: list[Dim], dynamic_axes: tuple[int, ...], wha
         if isinstance(shape[axis], int):
             axis_name = "B" if axis == dynamic_axes[0] else "T"
             raise ModelContractError(
-                f"{what} {name!r} axis {axis} ({axis_name}) is fixed to {shape[axis]}; it must be dynamic")
+                f"{what} {name!r} axis {axis} ({axis_name}) is fixed to {shape[axis]}; it must be dynamic"
+            )
     fixed = []
     for axis, d in enumerate(shape):
         if axis in dynamic_axes:
@@ -111,9 +122,13 @@ def declared_from_pairs(pairs: list[str], graph_inputs: list[str], graph_outputs
     mask = "mask" if "mask" in graph_inputs else None
     state_names = {s[0] for s in states} | {s[1] for s in states}
     return DeclaredContract(
-        form="sequence" if mask else "step", kind="features",
+        form="sequence" if mask else "step",
+        kind="features",
         inputs=[n for n in graph_inputs if n not in state_names and n != mask],
-        outputs=[n for n in graph_outputs if n not in state_names], mask=mask, states=states)
+        outputs=[n for n in graph_outputs if n not in state_names],
+        mask=mask,
+        states=states,
+    )
 
 
 def build_contract(declared: DeclaredContract, session: ort.InferenceSession) -> ModelContract:
@@ -131,15 +146,14 @@ def build_contract(declared: DeclaredContract, session: ort.InferenceSession) ->
         out = []
         for name in names or []:
             if name not in pool:
-                raise ModelContractError(f"{what} {name!r} is declared but is not a graph {what} "
-                                         f"(graph {what}s: {sorted(pool)})")
+                raise ModelContractError(
+                    f"{what} {name!r} is declared but is not a graph {what} (graph {what}s: {sorted(pool)})"
+                )
             meta = pool[name]
             shape = _static_tail(name, list(meta.shape), lead, what)
             out.append(DataTensor(name, _dtype(meta.type, f"{what} {name!r}"), shape))
         return tuple(out)
 
-    inputs = data(declared.inputs, g_in, "input")
-    outputs = data(declared.outputs, g_out, "output")
     states = []
     for s_in, s_out, axis in declared.states:
         if s_in not in g_in:
@@ -154,9 +168,12 @@ def build_contract(declared: DeclaredContract, session: ort.InferenceSession) ->
         shape = _static_tail(s_in, list(i_meta.shape), (axis,), "state input")
         out_shape = _static_tail(s_out, list(o_meta.shape), (axis,), "state output")
         if shape != out_shape:
-            raise ModelContractError(f"state {s_in!r} has shape {list(i_meta.shape)} but its output "
-                                     f"{s_out!r} has {list(o_meta.shape)}")
+            raise ModelContractError(
+                f"state {s_in!r} has shape {list(i_meta.shape)} but its output {s_out!r} has {list(o_meta.shape)}"
+            )
         states.append(StateTensor(s_in, s_out, _dtype(i_meta.type, f"state {s_in!r}"), shape, axis))
+    inputs = data(declared.inputs, g_in, "input")
+    outputs = data(declared.outputs, g_out, "output")
     mask_dtype = np.dtype(np.bool_)
     if declared.mask:
         if declared.mask not in g_in:
@@ -169,13 +186,13 @@ def build_contract(declared: DeclaredContract, session: ort.InferenceSession) ->
     covered = {t.name for t in inputs} | {s.input for s in states} | {declared.mask}
     if extra := sorted(set(g_in) - covered):
         raise ModelContractError(f"graph input {extra[0]!r} is not declared as data, mask or state")
-    if declared.kind == "token_lm":
-        if len(inputs) != 1 or inputs[0].dtype.kind not in "iu" or inputs[0].shape != ():
-            raise ModelContractError("a token_lm model takes exactly one integer input of shape [B, T]")
+    if declared.kind == "token_lm" and (len(inputs) != 1 or inputs[0].dtype.kind not in "iu" or inputs[0].shape):
+        raise ModelContractError("a token_lm model takes exactly one integer input of shape [B, T]")
     if not states:
         raise ModelContractError("a recurrent model needs at least one state pair")
-    return ModelContract(form, declared.kind, inputs, outputs, tuple(states), declared.mask, mask_dtype,
-                         declared.vocab, declared.unk_id)
+    return ModelContract(
+        form, declared.kind, inputs, outputs, tuple(states), declared.mask, mask_dtype, declared.vocab, declared.unk_id
+    )
 
 
 @functools.cache
@@ -223,23 +240,28 @@ class RecurrentModel:
         if not self.path.is_file():
             raise ModelContractError(f"model file {str(self.path)!r} does not exist")
         self.name = name or self.path.stem
-        self.fingerprint = fingerprint(self.path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         self._options = options
         wanted = resolve_providers(providers)
-        probe = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        try:
+            probe = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph types for a broken file
+            raise ModelContractError(f"model {self.name!r} cannot be loaded by ONNX Runtime: {e}") from e
+        self.fingerprint = fingerprint(self.path)
         raw_meta = probe.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         if raw_meta is not None:
             declared = parse_metadata(raw_meta)
         elif state_pairs:
-            declared = declared_from_pairs(state_pairs, [i.name for i in probe.get_inputs()],
-                                           [o.name for o in probe.get_outputs()])
+            declared = declared_from_pairs(
+                state_pairs, [i.name for i in probe.get_inputs()], [o.name for o in probe.get_outputs()]
+            )
         else:
             raise ModelContractError(
-                f"model {self.name!r} has no {METADATA_KEY!r} metadata; name its state pairs (--state IN:OUT)")
+                f"model {self.name!r} has no {METADATA_KEY!r} metadata; name its state pairs (--state IN:OUT)"
+            )
         self.contract = build_contract(declared, probe)
         if self.contract.form == "step":
             self.session = self._session(_with_carry(onnx.load_model(str(self.path)), self.contract), wanted)
@@ -247,8 +269,14 @@ class RecurrentModel:
             self.session = probe if wanted == ["CPUExecutionProvider"] else self._session(str(self.path), wanted)
         self.provider = self.session.get_providers()[0]
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
-        log.info("model %s (%s form, %s) runs on %s; fingerprint %s", self.name, self.contract.form,
-                 self.contract.kind, self.provider, self.fingerprint[:12])
+        log.info(
+            "model %s (%s form, %s) runs on %s; fingerprint %s",
+            self.name,
+            self.contract.form,
+            self.contract.kind,
+            self.provider,
+            self.fingerprint[:12],
+        )
         if warm_up:
             self._warm_up()
 
@@ -259,18 +287,28 @@ class RecurrentModel:
     def _warm_up(self) -> None:
         for batch, steps in ((1, 1), (2, 3)):
             inputs = {t.name: np.zeros((batch, steps, *t.shape), t.dtype) for t in self.contract.inputs}
-            self.run(inputs, np.ones((batch, steps), bool), self.contract.initial_states(batch))
+            try:
+                self.run(inputs, np.ones((batch, steps), bool), self.contract.initial_states(batch))
+            except Exception as e:  # e.g. a graph whose time loop was frozen at export
+                raise ModelContractError(
+                    f"model {self.name!r} failed its warm-up run at B={batch}, T={steps}: {e}"
+                ) from e
 
     def run(self, inputs: dict[str, np.ndarray], mask: np.ndarray, states: dict[str, np.ndarray]) -> BatchResult:
         """Run one padded batch. Rows where ``mask`` is False keep their state and output zeros."""
         c = self.contract
-        feeds_states = {s.input: np.ascontiguousarray(np.moveaxis(states[s.input].astype(s.dtype, copy=False),
-                                                                  0, s.batch_axis)) for s in c.states}
+        feeds_states = {
+            s.input: np.ascontiguousarray(np.moveaxis(states[s.input].astype(s.dtype, copy=False), 0, s.batch_axis))
+            for s in c.states
+        }
         feeds_inputs = {t.name: np.ascontiguousarray(inputs[t.name], dtype=t.dtype) for t in c.inputs}
         if c.form == "sequence":
             assert c.mask is not None
-            feeds: dict[str, np.ndarray] = {**feeds_inputs, **feeds_states,
-                                            c.mask: np.ascontiguousarray(mask, dtype=c.mask_dtype)}
+            feeds: dict[str, np.ndarray] = {
+                **feeds_inputs,
+                **feeds_states,
+                c.mask: np.ascontiguousarray(mask, dtype=c.mask_dtype),
+            }
             values = self._run_bound(feeds, {})
             outputs = {t.name: values[t.name].numpy() for t in c.outputs}
             new_states = {s.input: values[s.output].numpy() for s in c.states}
@@ -278,7 +316,9 @@ class RecurrentModel:
             outputs, new_states = self._run_steps(feeds_inputs, np.asarray(mask, dtype=bool), feeds_states)
         return BatchResult(outputs, {s.input: np.moveaxis(new_states[s.input], s.batch_axis, 0) for s in c.states})
 
-    def _run_bound(self, feeds: dict[str, np.ndarray], device_feeds: dict[str, ort.OrtValue]) -> dict[str, ort.OrtValue]:
+    def _run_bound(
+        self, feeds: dict[str, np.ndarray], device_feeds: dict[str, ort.OrtValue]
+    ) -> dict[str, ort.OrtValue]:
         """One call with IO binding; outputs stay on the model's device until read."""
         binding = self.session.io_binding()
         for name, array in feeds.items():
@@ -291,8 +331,9 @@ class RecurrentModel:
         self.session.run_with_iobinding(binding)
         return dict(zip(names, binding.get_outputs(), strict=True))
 
-    def _run_steps(self, inputs: dict[str, np.ndarray], mask: np.ndarray, states: dict[str, np.ndarray]
-                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def _run_steps(
+        self, inputs: dict[str, np.ndarray], mask: np.ndarray, states: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         c = self.contract
         batch, steps = mask.shape
         outputs = {t.name: np.zeros((batch, steps, *t.shape), t.dtype) for t in c.outputs}

@@ -14,8 +14,16 @@ SPECS: dict[str, dict[str, Any]] = {
     "gru_stacked": dict(cell="gru", input_size=4, hidden_size=8, num_layers=2, output_size=3),
     "lstm": dict(cell="lstm", input_size=4, hidden_size=6, num_layers=1, input_projection=5),
     "lstm_stacked": dict(cell="lstm", input_size=3, hidden_size=5, num_layers=2, output_size=2),
-    "token_gru": dict(cell="gru", hidden_size=8, num_layers=2, vocab_size=11, embedding_dim=4,
-                      output_size=11, vocab="abcdefghij\ufffd", unk_id=10),
+    "token_gru": dict(
+        cell="gru",
+        hidden_size=8,
+        num_layers=2,
+        vocab_size=11,
+        embedding_dim=4,
+        output_size=11,
+        vocab="abcdefghij\ufffd",
+        unk_id=10,
+    ),
 }
 
 

@@ -130,9 +130,15 @@ def test_dynamic_batch_and_time(loaded: dict[str, RecurrentModel], batch: int, s
 def test_metadata_declares_the_contract(exported: dict[str, Exported]) -> None:
     seq = onnx.load(str(exported["lstm"].sequence))
     meta = json.loads(next(p.value for p in seq.metadata_props if p.key == METADATA_KEY))
-    assert meta == {"version": 1, "form": "sequence", "kind": "features", "inputs": ["x"], "outputs": ["y"],
-                    "mask": "mask", "state": [{"input": "h0", "output": "hn", "batch_axis": 1},
-                                              {"input": "c0", "output": "cn", "batch_axis": 1}]}
+    assert meta == {
+        "version": 1,
+        "form": "sequence",
+        "kind": "features",
+        "inputs": ["x"],
+        "outputs": ["y"],
+        "mask": "mask",
+        "state": [{"input": "h0", "output": "hn", "batch_axis": 1}, {"input": "c0", "output": "cn", "batch_axis": 1}],
+    }
     step = onnx.load(str(exported["token_gru"].step))
     meta = json.loads(next(p.value for p in step.metadata_props if p.key == METADATA_KEY))
     assert meta["form"] == "step" and "mask" not in meta
@@ -144,7 +150,7 @@ def test_export_rejects_a_non_module(tmp_path: object) -> None:
     class NotAModule:
         def spec(self) -> None: ...
 
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"nn\.Module"):
         export_cell(NotAModule(), "/tmp/never.onnx")  # type: ignore[arg-type]
 
 

@@ -1,0 +1,46 @@
+"""Prometheus collectors, one set per app (registered on the app's own registry, no globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "carryover_http_requests_total", "HTTP requests", ["route", "method", "status"], registry=r
+        )
+        self.request_latency = Histogram(
+            "carryover_http_request_seconds", "HTTP request latency", ["route"], buckets=_LATENCY, registry=r
+        )
+        self.batch_rows = Histogram(
+            "carryover_batch_rows",
+            "sessions per model call",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        self.batch_padding = Histogram(
+            "carryover_batch_padding_ratio",
+            "padded share of a model call's B*T cells",
+            ["model"],
+            buckets=(0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0),
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "carryover_model_run_seconds", "model call time", ["model"], buckets=_LATENCY, registry=r
+        )
+        self.queue_depth = Gauge("carryover_queue_depth", "requests waiting or running", ["model"], registry=r)
+        self.steps = Counter("carryover_timesteps_total", "timesteps applied", ["model"], registry=r)
+        self.redis_seconds = Histogram(
+            "carryover_redis_seconds", "Redis round trip time", ["op"], buckets=_LATENCY, registry=r
+        )
+        self.cas_conflicts = Counter(
+            "carryover_cas_conflicts_total", "writes lost to another writer", ["model"], registry=r
+        )
+        self.sessions = Gauge("carryover_sessions", "sessions in the store", registry=r)
+        self.ws_connections = Gauge("carryover_websocket_connections", "open WebSocket connections", registry=r)

@@ -1,0 +1,375 @@
+"""The ragged micro-batcher (DESIGN §3): one per model per process.
+
+It decides *what* runs; ``RecurrentModel`` runs it and ``SessionStore`` keeps the state.
+
+* Requests wait in one arrival-ordered queue (bounded: ``Overloaded`` when full).
+* A batch takes, in arrival order, the first waiting request of each session that is not
+  already in flight, up to ``max_batch_size`` rows and ``max_batch_tokens`` timesteps; it waits
+  up to ``max_wait_us`` for more only while the device is busy.
+* Long requests are cut into chunks of ``max_chunk`` steps. A request's chunks run in
+  consecutive batches with its intermediate state held in memory; only the last chunk writes,
+  so a request is applied whole or not at all, and a client that goes away mid-request leaves
+  the session untouched (unless its final write had already begun, in which case it lands whole).
+* Pipelining: while batch k runs in the device thread, batch k+1 is gathered and its states
+  loaded (one Redis round trip); batch k's write (one round trip, CAS per session) overlaps
+  with batch k+1's run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from service.buckets import padding_ratio, plan_buckets
+from service.config import Settings
+from service.errors import (
+    CarryoverError,
+    ModelMismatch,
+    Overloaded,
+    SessionNotFound,
+    ShuttingDown,
+    StepConflict,
+    Unavailable,
+)
+from service.metrics import Metrics
+from service.model import RecurrentModel
+from service.store import SessionRecord, SessionStore, StoreUnavailable, WriteOutcome
+from service.tensors import pack_arrays, states_from_bytes, states_to_bytes, unpack_arrays
+
+log = logging.getLogger(__name__)
+MAX_ATTEMPTS = 8  # CAS losses (another replica wrote first) before giving up with a conflict
+PIPELINE_DEPTH = 2  # batches between gather and write: one on the device, one being prepared
+
+
+@dataclass(frozen=True)
+class StepReply:
+    session_id: str
+    step: int  # the session's step count after this request
+    outputs: dict[str, np.ndarray]  # [T, ...] per output
+    replay: bool = False
+
+
+@dataclass(eq=False)
+class StepRequest:
+    """One validated step request; ``chunks`` are its inputs cut at ``max_chunk`` steps."""
+
+    session_id: str
+    owner: str
+    chunks: list[dict[str, np.ndarray]]
+    expected_step: int | None
+    digest: str
+    future: asyncio.Future[StepReply]
+    next_chunk: int = 0
+    base: SessionRecord | None = None  # the record as loaded before chunk 0
+    states: dict[str, np.ndarray] = field(default_factory=dict)  # after the chunks applied so far
+    outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
+    attempts: int = 0
+
+    @property
+    def total_steps(self) -> int:
+        return sum(chunk_steps(c) for c in self.chunks)
+
+    @property
+    def chunk_steps(self) -> int:
+        return chunk_steps(self.chunks[self.next_chunk])
+
+    def restart(self) -> None:
+        """Forget progress: nothing of it was written, so the request runs again from Redis."""
+        self.next_chunk, self.base, self.states, self.outputs = 0, None, {}, []
+        self.attempts += 1
+
+
+def chunk_steps(chunk: dict[str, np.ndarray]) -> int:
+    return int(next(iter(chunk.values())).shape[0])
+
+
+def split_chunks(inputs: dict[str, np.ndarray], max_chunk: int) -> list[dict[str, np.ndarray]]:
+    steps = chunk_steps(inputs)
+    return [{k: v[i : i + max_chunk] for k, v in inputs.items()} for i in range(0, steps, max_chunk)]
+
+
+class Scheduler:
+    def __init__(
+        self, model: RecurrentModel, store: SessionStore, settings: Settings, metrics: Metrics | None = None
+    ) -> None:
+        self.model = model
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics
+        self._queue: dict[int, StepRequest] = {}  # arrival order
+        self._arrivals = itertools.count()
+        self._in_flight: set[str] = set()
+        self._changed = asyncio.Event()
+        self._device = asyncio.Lock()
+        self._slots = asyncio.Semaphore(PIPELINE_DEPTH)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"device-{model.name}")
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.batches = 0  # counters for benchmarks and tests
+        self.model_calls = 0
+
+    # -- public -----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._run(), name=f"scheduler-{self.model.name}")
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop accepting; finish what is queued and in flight (their writes included)."""
+        self._stopping = True
+        self._changed.set()
+        if self._loop_task is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._loop_task), timeout_s)
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        for r in list(self._queue.values()):
+            self._fail(r, ShuttingDown("the server is shutting down"))
+        self._executor.shutdown(wait=True)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def submit(
+        self, session_id: str, owner: str, inputs: dict[str, np.ndarray], expected_step: int | None, digest: str
+    ) -> asyncio.Future[StepReply]:
+        """Queue a validated request; the future resolves after its write succeeded."""
+        if self._stopping:
+            raise ShuttingDown("the server is shutting down", retry_after=1)
+        if len(self._queue) >= self.settings.max_queue:
+            raise Overloaded(f"{len(self._queue)} requests are queued for model {self.model.name!r}", retry_after=1)
+        future: asyncio.Future[StepReply] = asyncio.get_running_loop().create_future()
+        request = StepRequest(
+            session_id, owner, split_chunks(inputs, self.settings.max_chunk), expected_step, digest, future
+        )
+        self._queue[next(self._arrivals)] = request
+        self._gauge()
+        self._changed.set()
+        return future
+
+    # -- gathering --------------------------------------------------------------------------
+    def _eligible(self) -> list[tuple[int, StepRequest]]:
+        rows: list[tuple[int, StepRequest]] = []
+        tokens = 0
+        seen: set[str] = set()
+        for key, r in list(self._queue.items()):
+            if r.future.done():  # the client went away: nothing of it was written, drop it
+                del self._queue[key]
+                continue
+            if r.session_id in seen or r.session_id in self._in_flight:
+                seen.add(r.session_id)  # a session's later requests wait for its earlier ones
+                continue
+            seen.add(r.session_id)
+            if rows and tokens + r.chunk_steps > self.settings.max_batch_tokens:
+                continue
+            rows.append((key, r))
+            tokens += r.chunk_steps
+            if len(rows) >= self.settings.max_batch_size:
+                break
+        return rows
+
+    def _full(self, rows: list[tuple[int, StepRequest]]) -> bool:
+        return (
+            len(rows) >= self.settings.max_batch_size
+            or sum(r.chunk_steps for _, r in rows) >= self.settings.max_batch_tokens
+        )
+
+    async def _gather(self) -> list[StepRequest] | None:
+        while True:
+            self._changed.clear()
+            rows = self._eligible()
+            if rows and self._device.locked() and not self._full(rows) and self.settings.max_wait_us > 0:
+                # The device is busy anyway: a short wait lets more work join this batch.
+                deadline = time.monotonic() + self.settings.max_wait_us / 1e6
+                while self._device.locked() and not self._full(rows) and (left := deadline - time.monotonic()) > 0:
+                    self._changed.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), left)
+                    rows = self._eligible()
+            if rows:
+                for _, r in rows:
+                    self._in_flight.add(r.session_id)
+                return [r for _, r in rows]
+            if self._stopping and not self._queue and not self._tasks:
+                return None
+            await self._changed.wait()
+
+    async def _run(self) -> None:
+        while True:
+            await self._slots.acquire()
+            batch = await self._gather()
+            if batch is None:
+                self._slots.release()
+                return
+            task = asyncio.create_task(self._process(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    # -- one batch --------------------------------------------------------------------------
+    async def _process(self, batch: list[StepRequest]) -> None:
+        try:
+            runnable = [r for r in batch if r.next_chunk > 0] + await self._admit(
+                [r for r in batch if r.next_chunk == 0]
+            )
+            if runnable:
+                await self._run_model(runnable)
+            finals = [r for r in runnable if not r.future.done() and r.next_chunk == len(r.chunks)]
+            if finals:
+                await self._write(finals)
+        except Exception as e:  # a bug or a model failure: fail this batch, keep serving
+            log.exception("batch failed")
+            for r in batch:
+                self._fail(r, CarryoverError(f"internal error while running the batch: {type(e).__name__}"))
+        finally:
+            for r in batch:
+                self._in_flight.discard(r.session_id)
+                if r.future.done():
+                    self._forget(r)
+            self.batches += 1
+            self._gauge()
+            self._slots.release()
+            self._changed.set()
+
+    async def _admit(self, fresh: list[StepRequest]) -> list[StepRequest]:
+        """Load the batch's records in one round trip; decide apply / replay / conflict."""
+        if not fresh:
+            return []
+        try:
+            started = time.perf_counter()
+            records = await self.store.load([r.session_id for r in fresh])
+            self._observe_redis("load", started)
+        except StoreUnavailable as e:
+            for r in fresh:
+                self._fail(r, Unavailable(str(e), retry_after=e.retry_after))
+            return []
+        admitted = []
+        for r, rec in zip(fresh, records, strict=True):
+            if rec is None or rec.owner != r.owner:
+                self._fail(r, SessionNotFound(f"session {r.session_id!r} does not exist or has expired"))
+            elif rec.fingerprint != self.model.fingerprint or rec.model != self.model.name:
+                self._fail(r, ModelMismatch(f"session {r.session_id!r} holds state of another model"))
+            elif r.expected_step is not None and r.expected_step != rec.step:
+                if r.digest == rec.last_digest and r.expected_step + r.total_steps == rec.step and rec.last_reply:
+                    self._resolve(r, StepReply(r.session_id, rec.step, unpack_arrays(rec.last_reply), replay=True))
+                else:
+                    self._fail(
+                        r,
+                        StepConflict(
+                            f"the session is at step {rec.step}, not {r.expected_step}", current_step=rec.step
+                        ),
+                    )
+            else:
+                r.base = rec
+                r.states = states_from_bytes(self.model.contract, rec.states)
+                admitted.append(r)
+        return admitted
+
+    async def _run_model(self, rows: list[StepRequest]) -> None:
+        groups = plan_buckets([r.chunk_steps for r in rows], self.settings.bucket_overhead_tokens)
+        loop = asyncio.get_running_loop()
+        async with self._device:
+            for group in groups:
+                members = [rows[i] for i in group]
+                started = time.perf_counter()
+                result = await loop.run_in_executor(self._executor, self._run_group, members)
+                self.model_calls += 1
+                if self.metrics:
+                    name = self.model.name
+                    self.metrics.batch_seconds.labels(name).observe(time.perf_counter() - started)
+                    self.metrics.batch_rows.labels(name).observe(len(members))
+                    self.metrics.batch_padding.labels(name).observe(padding_ratio([r.chunk_steps for r in members]))
+                for i, r in enumerate(members):
+                    n = r.chunk_steps
+                    r.outputs.append({k: v[i, :n] for k, v in result.outputs.items()})
+                    r.states = {k: v[i] for k, v in result.states.items()}
+                    r.next_chunk += 1
+
+    def _run_group(self, rows: list[StepRequest]):  # type: ignore[no-untyped-def]
+        """Pad the rows' current chunks to one ``[B, T]`` batch and run it (device thread)."""
+        contract = self.model.contract
+        width = max(r.chunk_steps for r in rows)
+        mask = np.zeros((len(rows), width), bool)
+        inputs = {t.name: np.zeros((len(rows), width, *t.shape), t.dtype) for t in contract.inputs}
+        for i, r in enumerate(rows):
+            chunk = r.chunks[r.next_chunk]
+            n = chunk_steps(chunk)
+            mask[i, :n] = True
+            for name, value in chunk.items():
+                inputs[name][i, :n] = value
+        states = {s.input: np.stack([r.states[s.input] for r in rows]) for s in contract.states}
+        return self.model.run(inputs, mask, states)
+
+    async def _write(self, finals: list[StepRequest]) -> None:
+        """One pipelined round trip; each session's write is a CAS on the revision it was read at."""
+        now = time.time()
+        writes = []
+        replies = []
+        for r in finals:
+            assert r.base is not None
+            outputs = {k: np.concatenate([o[k] for o in r.outputs]) for k in r.outputs[0]}
+            record = replace(
+                r.base,
+                step=r.base.step + r.total_steps,
+                revision=r.base.revision + 1,
+                states=states_to_bytes(self.model.contract, r.states),
+                updated_at=now,
+                last_digest=r.digest,
+                last_reply=pack_arrays(outputs),
+                expires_in=None,
+            )
+            writes.append((record, r.base.revision))
+            replies.append(StepReply(r.session_id, record.step, outputs))
+        try:
+            started = time.perf_counter()
+            outcomes = await self.store.save(writes)
+            self._observe_redis("save", started)
+        except StoreUnavailable as e:
+            for r in finals:  # the write may or may not have landed: a retry with `step` tells
+                self._fail(r, Unavailable(str(e), retry_after=e.retry_after))
+            return
+        for r, reply, outcome in zip(finals, replies, outcomes, strict=True):
+            if outcome is WriteOutcome.OK:
+                if self.metrics:
+                    self.metrics.steps.labels(self.model.name).inc(reply.step - (r.base.step if r.base else 0))
+                self._resolve(r, reply)
+            elif outcome is WriteOutcome.MISSING:
+                self._fail(r, SessionNotFound(f"session {r.session_id!r} was deleted"))
+            elif r.attempts + 1 >= MAX_ATTEMPTS:
+                self._fail(r, StepConflict(f"session {r.session_id!r} kept changing under this request"))
+            else:  # another writer won the CAS: nothing of ours landed, run again from its state
+                if self.metrics:
+                    self.metrics.cas_conflicts.labels(self.model.name).inc()
+                r.restart()
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _resolve(self, r: StepRequest, reply: StepReply) -> None:
+        if not r.future.done():
+            r.future.set_result(reply)
+        self._forget(r)
+
+    def _fail(self, r: StepRequest, error: CarryoverError) -> None:
+        if not r.future.done():
+            r.future.set_exception(error)
+        self._forget(r)
+
+    def _forget(self, r: StepRequest) -> None:
+        for key, queued in list(self._queue.items()):
+            if queued is r:
+                del self._queue[key]
+                break
+
+    def _gauge(self) -> None:
+        if self.metrics:
+            self.metrics.queue_depth.labels(self.model.name).set(len(self._queue))
+
+    def _observe_redis(self, op: str, started: float) -> None:
+        if self.metrics:
+            self.metrics.redis_seconds.labels(op).observe(time.perf_counter() - started)

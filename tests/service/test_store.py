@@ -1,0 +1,425 @@
+"""SessionStore and EmbeddedRedis against real redis-server processes (DESIGN §2)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import redis
+
+from service import embedded_redis as er
+from service import store as store_module
+from service.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+from service.store import SessionRecord, SessionStore, StoreUnavailable, WriteOutcome, session_key
+from tests.redis_fixture import RedisServer
+
+# Fixtures and tests share the session loop (fixtures default to it in pyproject).
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def record(sid: str, *, revision: int = 1, step: int = 0, ttl_s: int = 600,
+           states: tuple[bytes, ...] = (b"\x00\x01\x02\xff", b"h" * 16)) -> SessionRecord:
+    now = time.time()
+    return SessionRecord(session_id=sid, model="gru", fingerprint="ab" * 32, step=step, revision=revision,
+                         states=states, owner="owner-hash", created_at=now, updated_at=now, ttl_s=ttl_s)
+
+
+def advanced(rec: SessionRecord, steps: int = 3) -> SessionRecord:
+    """The next write of ``rec``: CAS from its revision; states and reply derived from the revision so
+    a reader can check that a record is whole."""
+    rev = rec.revision + 1
+    return replace(rec, revision=rev, step=rec.step + steps, states=consistent_states(rev),
+                   last_digest=f"d{rev}", last_reply=b"r%d" % rev, updated_at=time.time(), expires_in=None)
+
+
+def consistent_states(rev: int, size: int = 4096) -> tuple[bytes, ...]:
+    return (rev.to_bytes(8, "little") * (size // 8), (rev * 7).to_bytes(8, "little") * 4)
+
+
+def assert_whole(rec: SessionRecord, steps: int = 3) -> None:
+    if rec.revision == 1:
+        return
+    assert rec.step == (rec.revision - 1) * steps
+    assert rec.states == consistent_states(rec.revision)
+    assert (rec.last_digest, rec.last_reply) == (f"d{rec.revision}", b"r%d" % rec.revision)
+
+
+@pytest.fixture
+async def store(redis_url: str, tmp_path: Path) -> AsyncIterator[SessionStore]:
+    s = await SessionStore.connect(redis_url, data_dir=tmp_path)
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+def raw(redis_server: RedisServer) -> redis.Redis:
+    return redis_server.client()
+
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie left for a non-reaping init counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+
+# -- records, batches, TTL ----------------------------------------------------------------------
+
+
+async def test_create_once_and_read_back_every_field(store: SessionStore, raw: redis.Redis) -> None:
+    rec = replace(record("a/é"), states=(b"", b"\x00" * 3, bytes(range(256))), last_digest="x",
+                  last_reply=b"\x00reply", created_at=1712345678.123456, updated_at=1712345679.5)
+    assert await store.create(rec)
+    assert not await store.create(replace(rec, model="other"))  # exists: untouched
+    [got] = await store.load([rec.session_id])
+    assert got is not None and got.expires_in is not None and 599 < got.expires_in <= 600
+    assert replace(got, expires_in=None) == rec
+    stored = raw.hgetall(session_key("a/é"))
+    assert stored[b"revision"] == b"1" and stored[b"step"] == b"0" and stored[b"s2"] == bytes(range(256))
+    assert stored[b"created_at"] == b"1712345678.123456"
+
+
+async def test_load_and_save_a_batch_are_one_round_trip_each(store: SessionStore) -> None:
+    ids = [f"s{i}" for i in range(10)]
+    for sid in ids[:8]:
+        assert await store.create(record(sid))
+    before = store.round_trips
+    loaded = await store.load(ids)
+    assert store.round_trips == before + 1
+    assert [r.session_id if r else None for r in loaded] == [*ids[:8], None, None]
+
+    more = [record(sid) for sid in ids[8:]]
+    for r in more:
+        await store.create(r)
+    writes = [(advanced(r), r.revision) for r in [*(r for r in loaded if r), *more]]
+    before = store.round_trips
+    assert await store.save(writes) == [WriteOutcome.OK] * 10
+    assert store.round_trips == before + 1
+    assert [r.revision if r else 0 for r in await store.load(ids)] == [2] * 10
+
+    before = store.round_trips
+    assert await store.load([]) == [] and await store.save([]) == []
+    assert store.round_trips == before
+
+
+async def test_load_and_save_refresh_the_ttl(store: SessionStore, raw: redis.Redis) -> None:
+    rec = record("ttl", ttl_s=100)
+    await store.create(rec)
+    key = session_key("ttl")
+    assert 99_000 < raw.pttl(key) <= 100_000
+    raw.pexpire(key, 5_000)
+    [got] = await store.load(["ttl"])
+    assert got is not None and got.expires_in is not None and got.expires_in > 99
+    assert raw.pttl(key) > 99_000
+    raw.pexpire(key, 5_000)
+    assert await store.save([(advanced(got), got.revision)]) == [WriteOutcome.OK]
+    assert raw.pttl(key) > 99_000
+    # A save may change the TTL (the record carries it).
+    [got] = await store.load(["ttl"])
+    assert got is not None
+    assert await store.save([(replace(advanced(got), ttl_s=7), got.revision)]) == [WriteOutcome.OK]
+    assert 6_000 < raw.pttl(key) <= 7_000
+
+
+async def test_cas_conflict_leaves_the_record_unchanged(store: SessionStore) -> None:
+    rec = record("cas")
+    await store.create(rec)
+    first = advanced(rec)
+    assert await store.save([(first, 1)]) == [WriteOutcome.OK]
+    stale = replace(advanced(rec), step=99, states=(b"stale",))  # also read at revision 1
+    assert await store.save([(stale, 1)]) == [WriteOutcome.CONFLICT]
+    [got] = await store.load(["cas"])
+    assert got is not None and replace(got, expires_in=None) == first
+    with pytest.raises(ValueError, match="revision"):
+        await store.save([(replace(first, revision=5), 2)])
+
+
+async def test_deleted_session_is_missing(store: SessionStore) -> None:
+    rec = record("gone")
+    await store.create(rec)
+    assert await store.delete("gone")
+    assert not await store.delete("gone")
+    assert await store.save([(advanced(rec), 1)]) == [WriteOutcome.MISSING]
+    assert await store.load(["gone"]) == [None]
+    assert await store.create(rec)  # and it can be created again
+
+
+async def test_save_replaces_the_whole_record(store: SessionStore, raw: redis.Redis) -> None:
+    rec = record("whole", states=(b"a", b"b", b"c"))
+    await store.create(rec)
+    assert await store.save([(replace(rec, revision=2, states=(b"x",)), 1)]) == [WriteOutcome.OK]
+    assert sorted(k for k in raw.hkeys(session_key("whole")) if k.startswith(b"s") and k[1:].isdigit()) == [b"s0"]
+    [got] = await store.load(["whole"])
+    assert got is not None and got.states == (b"x",)
+
+
+async def test_a_resent_write_is_recognised_by_its_token(store: SessionStore,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """redis-py re-sends a pipeline whose reply was lost; the write must not then read as lost."""
+    rec = record("resend")
+    monkeypatch.setattr(store_module.secrets, "token_hex", lambda n: "same-token")
+    assert await store.create(rec)
+    assert await store.create(rec)  # the "re-sent" create
+    write = advanced(rec)
+    assert await store.save([(write, 1)]) == [WriteOutcome.OK]
+    assert await store.save([(write, 1)]) == [WriteOutcome.OK]  # the "re-sent" save
+    monkeypatch.setattr(store_module.secrets, "token_hex", lambda n: "other-token")
+    assert await store.save([(write, 1)]) == [WriteOutcome.CONFLICT]  # someone else's stale write
+    assert not await store.create(rec)
+
+
+async def test_two_stores_racing_on_one_revision(redis_url: str, tmp_path: Path) -> None:
+    a = await SessionStore.connect(redis_url, data_dir=tmp_path)
+    b = await SessionStore.connect(redis_url, data_dir=tmp_path)
+    try:
+        await a.create(record("race"))
+        for _ in range(100):
+            [cur] = await a.load(["race"])
+            assert cur is not None
+            mine, theirs = advanced(cur, 1), replace(advanced(cur, 2), last_digest="b")
+            outcomes = await asyncio.gather(a.save([(mine, cur.revision)]), b.save([(theirs, cur.revision)]))
+            assert sorted(o.value for [o] in outcomes) == ["conflict", "ok"]
+        [final] = await b.load(["race"])
+        assert final is not None and final.revision == 101
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_count(store: SessionStore, raw: redis.Redis) -> None:
+    assert await store.count() == 0
+    for i in range(5):
+        await store.create(record(f"c{i}"))
+    with raw.pipeline(transaction=False) as pipe:  # enough keys for several SCAN pages
+        for i in range(2500):
+            pipe.hset(session_key(f"bulk{i}"), "revision", 1)
+        pipe.set("unrelated", 1)
+        pipe.hset("carryover:{x}:other", "a", 1)
+        pipe.execute()
+    before = store.round_trips
+    assert await store.count() == 2505
+    assert store.round_trips - before >= 3
+    await store.delete("c0")
+    assert await store.count() == 2504
+
+
+async def test_scripts_are_reloaded_after_script_flush(store: SessionStore, raw: redis.Redis) -> None:
+    rec = record("noscript")
+    raw.script_flush()
+    assert await store.create(rec)
+    raw.script_flush()
+    before = store.round_trips
+    [got] = await store.load(["noscript"])
+    assert got is not None
+    assert store.round_trips == before + 3  # refused, SCRIPT LOAD, re-sent
+    raw.script_flush()
+    assert await store.save([(advanced(got), 1)]) == [WriteOutcome.OK]
+    before = store.round_trips
+    [got] = await store.load(["noscript"])
+    assert store.round_trips == before + 1 and got is not None and got.revision == 2
+
+
+async def test_bad_url_and_bad_ttl(store: SessionStore, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="redis://"):
+        await SessionStore.connect("http://localhost:6379", data_dir=tmp_path)
+    with pytest.raises(ValueError, match="ttl_s"):
+        await store.create(record("x", ttl_s=0))
+
+
+# -- outages ------------------------------------------------------------------------------------
+
+
+async def test_crash_outage_and_recovery_on_the_same_store(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "crash", appendonly=True)
+    server.start()
+    try:
+        s = await SessionStore.connect(server.url, data_dir=tmp_path, socket_timeout_s=1.0)
+        ids = [f"k{i}" for i in range(20)]
+        for sid in ids:
+            await s.create(record(sid))
+        acked = dict.fromkeys(ids, 1)
+        writing = True
+
+        async def writer() -> None:
+            while writing:
+                current = [r for r in await s.load(ids) if r]
+                outcomes = await s.save([(advanced(r), r.revision) for r in current])
+                for r, o in zip(current, outcomes, strict=True):
+                    assert o is WriteOutcome.OK
+                    acked[r.session_id] = r.revision + 1
+
+        task = asyncio.create_task(writer())
+        while min(acked.values()) < 4:
+            await asyncio.sleep(0.005)
+        server.stop(kill=True)  # SIGKILL, most likely with a pipeline in flight
+        with pytest.raises(StoreUnavailable):
+            await task
+        writing = False
+
+        for call in (s.ping(), s.load(ids), s.save([(advanced(record("k0")), 1)]), s.create(record("new")),
+                     s.delete("k0"), s.count()):
+            with pytest.raises(StoreUnavailable) as info:
+                await call
+            assert info.value.retry_after > 0
+
+        server.start()  # same port, a fresh process: no scripts loaded
+        loaded = await s.load(ids)  # the same store object, NOSCRIPT handled
+        for sid, rec in zip(ids, loaded, strict=True):
+            assert rec is not None
+            assert_whole(rec)  # never a half-written record
+            assert rec.revision >= acked[sid]  # appendfsync always: acknowledged writes survived
+        current = [r for r in loaded if r]
+        assert await s.save([(advanced(r), r.revision) for r in current]) == [WriteOutcome.OK] * 20
+        await s.ping()
+        await s.close()
+    finally:
+        server.stop()
+
+
+async def test_hung_redis_times_out_as_unavailable(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "hung")
+    server.start()
+    try:
+        s = await SessionStore.connect(server.url, data_dir=tmp_path, socket_timeout_s=0.3)
+        await s.create(record("h"))
+        server.pause()
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                await s.ping()
+            with pytest.raises(StoreUnavailable):
+                await s.save([(advanced(record("h")), 1)])
+            assert time.monotonic() - started < 10
+        finally:
+            server.resume()
+        await s.ping()
+        [got] = await s.load(["h"])
+        assert got is not None and got.revision in (1, 2)  # the timed-out write may have landed, whole
+        assert_whole(got)
+        await s.close()
+    finally:
+        server.stop()
+
+
+async def test_connect_to_a_dead_url_is_unavailable(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "never")  # never started: nothing listens on its port
+    with pytest.raises(StoreUnavailable):
+        await SessionStore.connect(server.url, data_dir=tmp_path, socket_timeout_s=0.5)
+
+
+# -- embedded Redis -----------------------------------------------------------------------------
+
+
+async def test_embedded_redis_persists_across_restarts(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    s = await SessionStore.connect(None, data_dir=data_dir)
+    assert s.embedded is not None and s.embedded.url == f"unix://{data_dir / 'redis.sock'}"
+    pid = s.embedded.pid
+    assert pid is not None
+    rec = record("persist")
+    await s.create(rec)
+    assert await s.save([(advanced(rec), 1)]) == [WriteOutcome.OK]
+    await s.close()
+    assert gone(pid)
+    assert not (data_dir / "redis.sock").exists()
+
+    s = await SessionStore.connect(None, data_dir=data_dir)
+    try:
+        [got] = await s.load(["persist"])
+        assert got is not None and got.revision == 2 and got.states == consistent_states(2)
+    finally:
+        await s.close()
+
+
+async def test_embedded_redis_with_a_long_data_dir(tmp_path: Path) -> None:
+    data_dir = tmp_path.joinpath(*["a-rather-long-directory-name"] * 5)
+    assert len(str(data_dir / "redis.sock")) > 108
+    s = await SessionStore.connect(None, data_dir=data_dir)
+    assert s.embedded is not None
+    socket_path = s.embedded.socket_path
+    assert len(socket_path) <= er.MAX_SOCKET_PATH
+    await s.create(record("long"))
+    assert await s.count() == 1
+    await s.close()
+    assert not os.path.exists(os.path.dirname(socket_path))  # the private socket dir is removed
+    assert (data_dir / "appendonlydir").is_dir() or (data_dir / "appendonly.aof").is_file()
+
+
+async def test_embedded_redis_refuses_a_data_dir_in_use(tmp_path: Path) -> None:
+    first = EmbeddedRedis(tmp_path)
+    await asyncio.to_thread(first.start)
+    try:
+        with pytest.raises(EmbeddedRedisError, match="in use"):
+            await asyncio.to_thread(EmbeddedRedis(tmp_path).start)
+        assert first.running
+        with redis.Redis(unix_socket_path=first.socket_path) as c:
+            assert c.ping()
+    finally:
+        first.stop()
+    assert not first.running
+
+
+async def test_embedded_redis_stops_an_orphan_of_a_dead_service(tmp_path: Path) -> None:
+    """A service killed hard leaves its redis-server running; the next start shuts it down
+    cleanly (its data kept) instead of running two servers on one AOF."""
+    code = ("import os, sys, redis; from pathlib import Path;"
+            "from service.embedded_redis import EmbeddedRedis;"
+            "e = EmbeddedRedis(Path(sys.argv[1])); e.start();"
+            "redis.Redis(unix_socket_path=e.socket_path).set('left', 'behind');"
+            "print(e.pid, flush=True); os._exit(0)")
+    out = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code, str(tmp_path)], cwd=REPO,
+                                  capture_output=True, text=True, timeout=120, check=True)
+    orphan = int(out.stdout.strip())
+    assert not gone(orphan)
+    e = EmbeddedRedis(tmp_path)
+    await asyncio.to_thread(e.start)
+    try:
+        assert gone(orphan)
+        with redis.Redis(unix_socket_path=e.socket_path) as c:
+            assert c.get("left") == b"behind"
+    finally:
+        e.stop()
+
+
+async def test_embedded_redis_start_failure_shows_the_log(tmp_path: Path) -> None:
+    fake = tmp_path / "redis-server"
+    fake.write_text("#!/bin/sh\necho 'FATAL: something is wrong with the config' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(EmbeddedRedisError, match="something is wrong"):
+        await asyncio.to_thread(EmbeddedRedis(tmp_path / "d", executable=str(fake)).start)
+    # The lock was released: a real start on the same directory works.
+    e = EmbeddedRedis(tmp_path / "d")
+    await asyncio.to_thread(e.start)
+    e.stop()
+
+
+async def test_no_redis_server_anywhere_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.setattr(er.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(EmbeddedRedisError, match="install redis-server .* or set a Redis URL"):
+        er.find_redis_server()
+
+
+async def test_embedded_redis_refuses_a_newer_aof_with_an_old_binary(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "appendonlydir").mkdir()
+    monkeypatch.setattr(er, "server_version", lambda exe: (6, 2, 14))
+    with pytest.raises(EmbeddedRedisError, match="older than 7.0"):
+        EmbeddedRedis(tmp_path).start()
