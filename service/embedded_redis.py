@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +94,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _client(socket_path: str, timeout_s: float) -> redis.Redis:
+    # No retries: a SHUTDOWN drops the connection by design, and a PING that fails while the
+    # server starts is simply tried again by the caller's loop.
+    return redis.Redis(unix_socket_path=socket_path, socket_timeout=timeout_s,
+                       socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
+
+
 def _ping(socket_path: str, timeout_s: float = 1.0) -> bool:
     try:
-        with redis.Redis(unix_socket_path=socket_path, socket_timeout=timeout_s,
-                         socket_connect_timeout=timeout_s) as client:
+        with _client(socket_path, timeout_s) as client:
             return bool(client.ping())
     except (redis.RedisError, OSError):
         return False
@@ -155,15 +163,17 @@ class EmbeddedRedis:
         atexit.unregister(self.stop)
         proc = self._proc
         if proc is not None and proc.poll() is None:
-            if self.socket_path:
-                with contextlib.suppress(redis.RedisError, OSError), redis.Redis(
-                        unix_socket_path=self.socket_path, socket_timeout=timeout_s) as client:
-                    client.shutdown()
             try:
+                with _client(self.socket_path, timeout_s) as client:
+                    client.shutdown()  # the dropped connection that answers it is swallowed
                 proc.wait(timeout_s)
+            except redis.ResponseError as e:  # e.g. the AOF could not be fsynced
+                log.warning("embedded redis-server refused SHUTDOWN (%s); terminating it", e)
+            except (redis.RedisError, OSError):
+                log.warning("embedded redis-server did not answer SHUTDOWN; terminating it")
             except subprocess.TimeoutExpired:
                 log.warning("embedded redis-server did not exit after SHUTDOWN; terminating it")
-        self._cleanup()
+        self._cleanup()  # SIGTERM (a clean shutdown too), then SIGKILL, if it is still running
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -232,8 +242,8 @@ class EmbeddedRedis:
                     redis_pid, owner.get("owner_pid"), self.data_dir)
         socket_path = str(owner.get("socket", ""))
         if socket_path and _ping(socket_path):
-            with contextlib.suppress(redis.RedisError, OSError), redis.Redis(
-                    unix_socket_path=socket_path, socket_timeout=self.start_timeout_s) as client:
+            with contextlib.suppress(redis.RedisError, OSError), _client(socket_path,
+                                                                         self.start_timeout_s) as client:
                 client.shutdown()
         elif redis_pid and _is_redis_server(redis_pid):
             with contextlib.suppress(ProcessLookupError):

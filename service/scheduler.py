@@ -97,8 +97,9 @@ def split_chunks(inputs: dict[str, np.ndarray], max_chunk: int) -> list[dict[str
 
 class Scheduler:
     def __init__(
-        self, model: RecurrentModel, store: SessionStore, settings: Settings, metrics: Metrics | None = None
+        self, name: str, model: RecurrentModel, store: SessionStore, settings: Settings, metrics: Metrics | None = None
     ) -> None:
+        self.name = name  # the served name, recorded in every session of this model
         self.model = model
         self.store = store
         self.settings = settings
@@ -109,7 +110,7 @@ class Scheduler:
         self._changed = asyncio.Event()
         self._device = asyncio.Lock()
         self._slots = asyncio.Semaphore(PIPELINE_DEPTH)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"device-{model.name}")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"device-{name}")
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -118,7 +119,7 @@ class Scheduler:
 
     # -- public -----------------------------------------------------------------------------
     def start(self) -> None:
-        self._loop_task = asyncio.create_task(self._run(), name=f"scheduler-{self.model.name}")
+        self._loop_task = asyncio.create_task(self._run(), name=f"scheduler-{self.name}")
 
     async def stop(self, timeout_s: float = 30.0) -> None:
         """Stop accepting; finish what is queued and in flight (their writes included)."""
@@ -145,7 +146,7 @@ class Scheduler:
         if self._stopping:
             raise ShuttingDown("the server is shutting down", retry_after=1)
         if len(self._queue) >= self.settings.max_queue:
-            raise Overloaded(f"{len(self._queue)} requests are queued for model {self.model.name!r}", retry_after=1)
+            raise Overloaded(f"{len(self._queue)} requests are queued for model {self.name!r}", retry_after=1)
         future: asyncio.Future[StepReply] = asyncio.get_running_loop().create_future()
         request = StepRequest(
             session_id, owner, split_chunks(inputs, self.settings.max_chunk), expected_step, digest, future
@@ -254,7 +255,7 @@ class Scheduler:
         for r, rec in zip(fresh, records, strict=True):
             if rec is None or rec.owner != r.owner:
                 self._fail(r, SessionNotFound(f"session {r.session_id!r} does not exist or has expired"))
-            elif rec.fingerprint != self.model.fingerprint or rec.model != self.model.name:
+            elif rec.fingerprint != self.model.fingerprint or rec.model != self.name:
                 self._fail(r, ModelMismatch(f"session {r.session_id!r} holds state of another model"))
             elif r.expected_step is not None and r.expected_step != rec.step:
                 if r.digest == rec.last_digest and r.expected_step + r.total_steps == rec.step and rec.last_reply:
@@ -282,7 +283,7 @@ class Scheduler:
                 result = await loop.run_in_executor(self._executor, self._run_group, members)
                 self.model_calls += 1
                 if self.metrics:
-                    name = self.model.name
+                    name = self.name
                     self.metrics.batch_seconds.labels(name).observe(time.perf_counter() - started)
                     self.metrics.batch_rows.labels(name).observe(len(members))
                     self.metrics.batch_padding.labels(name).observe(padding_ratio([r.chunk_steps for r in members]))
@@ -338,7 +339,7 @@ class Scheduler:
         for r, reply, outcome in zip(finals, replies, outcomes, strict=True):
             if outcome is WriteOutcome.OK:
                 if self.metrics:
-                    self.metrics.steps.labels(self.model.name).inc(reply.step - (r.base.step if r.base else 0))
+                    self.metrics.steps.labels(self.name).inc(reply.step - (r.base.step if r.base else 0))
                 self._resolve(r, reply)
             elif outcome is WriteOutcome.MISSING:
                 self._fail(r, SessionNotFound(f"session {r.session_id!r} was deleted"))
@@ -346,7 +347,7 @@ class Scheduler:
                 self._fail(r, StepConflict(f"session {r.session_id!r} kept changing under this request"))
             else:  # another writer won the CAS: nothing of ours landed, run again from its state
                 if self.metrics:
-                    self.metrics.cas_conflicts.labels(self.model.name).inc()
+                    self.metrics.cas_conflicts.labels(self.name).inc()
                 r.restart()
 
     # -- helpers ----------------------------------------------------------------------------
@@ -368,7 +369,7 @@ class Scheduler:
 
     def _gauge(self) -> None:
         if self.metrics:
-            self.metrics.queue_depth.labels(self.model.name).set(len(self._queue))
+            self.metrics.queue_depth.labels(self.name).set(len(self._queue))
 
     def _observe_redis(self, op: str, started: float) -> None:
         if self.metrics:

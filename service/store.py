@@ -266,6 +266,7 @@ class SessionStore:
             url = embedded.url
         elif not url.startswith(SCHEMES):
             raise ValueError(f"Redis URL {url!r} must start with one of {', '.join(SCHEMES)}")
+        store: SessionStore | None = None
         try:
             client = aioredis.Redis.from_url(
                 url,
@@ -281,7 +282,9 @@ class SessionStore:
             await store.ping()
             await store._load_scripts()
         except BaseException:
-            if embedded is not None:
+            if store is not None:
+                await store.close()
+            elif embedded is not None:
                 await asyncio.to_thread(embedded.stop)
             raise
         return store

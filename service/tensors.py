@@ -27,6 +27,11 @@ def states_to_bytes(contract: ModelContract, states: Mapping[str, np.ndarray]) -
     )
 
 
+def initial_state_bytes(contract: ModelContract) -> tuple[bytes, ...]:
+    """Where every session starts and where reset returns it: zeros."""
+    return states_to_bytes(contract, {k: v[0] for k, v in contract.initial_states(1).items()})
+
+
 def states_from_bytes(contract: ModelContract, blobs: tuple[bytes, ...]) -> dict[str, np.ndarray]:
     if len(blobs) != len(contract.states):
         raise ValueError(f"record has {len(blobs)} state tensors, the model has {len(contract.states)}")

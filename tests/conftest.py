@@ -36,4 +36,4 @@ def loaded(exported: dict[str, Exported]) -> dict[str, RecurrentModel]:
         models[name] = RecurrentModel(e.sequence, name=name)
         models[f"{name}_step"] = RecurrentModel(e.step, name=f"{name}_step")
     return models
-from tests.redis_fixture import redis_server, redis_url  # noqa: F401
+from tests.redis_fixture import redis_server, redis_url  # noqa: E402, F401

@@ -7,6 +7,7 @@ never disturbed.
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from service.embedded_redis import EmbeddedRedisError, find_redis_server
 
@@ -44,7 +47,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10)
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10, retry=Retry(NoBackoff(), 0))
 
     def start(self) -> None:
         assert self.proc is None, "already running"
@@ -54,6 +57,7 @@ class RedisServer:
                 "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always"]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
+        atexit.register(self.stop, kill=True)  # an interrupted run must not leave servers behind
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if self.proc.poll() is not None:
@@ -62,14 +66,15 @@ class RedisServer:
                 with self.client() as c:
                     c.ping()
                 return
-            except (redis.ConnectionError, redis.TimeoutError, OSError):
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
                 if time.monotonic() > deadline:
                     self.stop(kill=True)
-                    raise RuntimeError(f"redis-server on port {self.port} did not start: {self.log_tail()}")
+                    raise RuntimeError(f"redis-server on port {self.port} did not start: {self.log_tail()}") from e
                 time.sleep(0.02)
 
     def stop(self, *, kill: bool = False) -> None:
         """Clean shutdown (SIGTERM), or ``kill=True``: SIGKILL, as in a crash."""
+        atexit.unregister(self.stop)
         proc, self.proc = self.proc, None
         if proc is None:
             return
