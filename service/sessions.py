@@ -53,8 +53,13 @@ class SessionInfo:
 
 
 class SessionService:
-    def __init__(self, settings: Settings, store: SessionStore, models: Mapping[str, RecurrentModel],
-                 metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: SessionStore,
+        models: Mapping[str, RecurrentModel],
+        metrics: Metrics | None = None,
+    ) -> None:
         if not models:
             raise ValueError("at least one model must be served")
         self.settings = settings
@@ -80,9 +85,14 @@ class SessionService:
         for name, m in self.models.items():
             c = m.contract
             entry: dict[str, Any] = {
-                "name": name, "fingerprint": m.fingerprint, "kind": c.kind, "form": c.form,
-                "provider": m.provider, "default": name == self.default_model,
-                "inputs": [t.describe() for t in c.inputs], "outputs": [t.describe() for t in c.outputs],
+                "name": name,
+                "fingerprint": m.fingerprint,
+                "kind": c.kind,
+                "form": c.form,
+                "provider": m.provider,
+                "default": name == self.default_model,
+                "inputs": [t.describe() for t in c.inputs],
+                "outputs": [t.describe() for t in c.outputs],
                 "states": [s.describe() for s in c.states],
             }
             if c.kind == "token_lm":
@@ -99,12 +109,20 @@ class SessionService:
         return self.models[key]
 
     # -- lifecycle --------------------------------------------------------------------------
-    async def create(self, *, model: str | None = None, session_id: str | None = None, ttl_s: int | None = None,
-                     fork_from: str | None = None, owner: str = "") -> SessionInfo:
+    async def create(
+        self,
+        *,
+        model: str | None = None,
+        session_id: str | None = None,
+        ttl_s: int | None = None,
+        fork_from: str | None = None,
+        owner: str = "",
+    ) -> SessionInfo:
         ttl = self._ttl(ttl_s)
         if session_id is not None and not CLIENT_ID.match(session_id):
-            raise InvalidInput("session_id must be 1-128 characters of A-Z a-z 0-9 . _ ~ - and start with a "
-                               "letter or digit")
+            raise InvalidInput(
+                "session_id must be 1-128 characters of A-Z a-z 0-9 . _ ~ - and start with a letter or digit"
+            )
         await self._check_capacity()
         now = time.time()
         if fork_from is not None:
@@ -121,9 +139,18 @@ class SessionService:
             served = self.model(served_name)
             step, states = 0, initial_state_bytes(served.contract)
         public_id = session_id or secrets.token_urlsafe(16)
-        record = SessionRecord(session_id=self._key(public_id, owner), model=served_name,
-                               fingerprint=served.fingerprint, step=step, revision=1, states=states, owner=owner,
-                               created_at=now, updated_at=now, ttl_s=ttl)
+        record = SessionRecord(
+            session_id=self._key(public_id, owner),
+            model=served_name,
+            fingerprint=served.fingerprint,
+            step=step,
+            revision=1,
+            states=states,
+            owner=owner,
+            created_at=now,
+            updated_at=now,
+            ttl_s=ttl,
+        )
         if not await self._call(self.store.create(record)):
             raise SessionExists(f"session {public_id!r} already exists")
         self._count = (self._count[0], self._count[1] + 1)
@@ -144,8 +171,9 @@ class SessionService:
         return self._info(session_id, await self._rewrite(session_id, owner, zeros))
 
     # -- stepping ---------------------------------------------------------------------------
-    async def step(self, session_id: str, inputs: Mapping[str, Any], expected_step: int | None = None,
-                   owner: str = "") -> StepReply:
+    async def step(
+        self, session_id: str, inputs: Mapping[str, Any], expected_step: int | None = None, owner: str = ""
+    ) -> StepReply:
         """Apply ``inputs`` (leading T axis) to the session, exactly once (see DESIGN §4)."""
         if expected_step is not None and (not isinstance(expected_step, int) or expected_step < 0):
             raise InvalidInput("'step' must be a non-negative integer")
@@ -173,9 +201,12 @@ class SessionService:
         model = self.model(record.model)
         states = states_from_bytes(model.contract, record.states)
         buffer = io.BytesIO()
-        arrays: dict[str, Any] = {**states, "carryover_step": np.int64(record.step),
-                                  "carryover_fingerprint": np.str_(record.fingerprint),
-                                  "carryover_model": np.str_(record.model)}
+        arrays: dict[str, Any] = {
+            **states,
+            "carryover_step": np.int64(record.step),
+            "carryover_fingerprint": np.str_(record.fingerprint),
+            "carryover_model": np.str_(record.model),
+        }
         np.savez(buffer, **arrays)
         return buffer.getvalue()
 
@@ -219,13 +250,20 @@ class SessionService:
             raise SessionNotFound(f"session {session_id!r} does not exist or has expired")
         return record
 
-    async def _rewrite(self, session_id: str, owner: str,
-                       change: Callable[[SessionRecord], SessionRecord]) -> SessionRecord:
+    async def _rewrite(
+        self, session_id: str, owner: str, change: Callable[[SessionRecord], SessionRecord]
+    ) -> SessionRecord:
         """Read, change, compare-and-set; again if a step (or a replica) wrote in between."""
         for _ in range(WRITE_ATTEMPTS):
             current = await self._load(session_id, owner)
-            new = replace(change(current), revision=current.revision + 1, updated_at=time.time(),
-                          last_digest="", last_reply=b"", expires_in=float(current.ttl_s))
+            new = replace(
+                change(current),
+                revision=current.revision + 1,
+                updated_at=time.time(),
+                last_digest="",
+                last_reply=b"",
+                expires_in=float(current.ttl_s),
+            )
             (outcome,) = await self._call(self.store.save([(new, current.revision)]))
             if outcome is WriteOutcome.OK:
                 return new
@@ -240,9 +278,15 @@ class SessionService:
             raise Unavailable(str(e), retry_after=e.retry_after) from e
 
     def _info(self, session_id: str, record: SessionRecord) -> SessionInfo:
-        return SessionInfo(session_id, record.model, record.fingerprint, record.step,
-                           float(record.expires_in if record.expires_in is not None else record.ttl_s),
-                           record.created_at, record.updated_at)
+        return SessionInfo(
+            session_id,
+            record.model,
+            record.fingerprint,
+            record.step,
+            float(record.expires_in if record.expires_in is not None else record.ttl_s),
+            record.created_at,
+            record.updated_at,
+        )
 
 
 def parse_state_file(data: bytes, model: RecurrentModel) -> tuple[dict[str, np.ndarray], int]:
@@ -264,8 +308,10 @@ def parse_state_file(data: bytes, model: RecurrentModel) -> tuple[dict[str, np.n
             raise InvalidInput(f"unknown tensor {key!r} in the state; the model's state tensors are {sorted(names)}")
     fp = arrays.get("carryover_fingerprint")
     if fp is not None and str(fp) != model.fingerprint:
-        raise ModelMismatch(f"the state was written by a model with fingerprint {str(fp)[:12]}…, this session's "
-                            f"model is {model.fingerprint[:12]}…")
+        raise ModelMismatch(
+            f"the state was written by a model with fingerprint {str(fp)[:12]}…, this session's "
+            f"model is {model.fingerprint[:12]}…"
+        )
     states = {}
     for s in c.states:
         if s.input not in arrays:

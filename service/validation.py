@@ -50,8 +50,10 @@ def _one(contract: ModelContract, t: DataTensor, value: Any, max_steps: int) -> 
     if array.ndim != len(want) or tuple(array.shape[1:]) != t.shape:
         got = _shape(array.shape)
         if array.ndim == len(t.shape) and tuple(array.shape) == t.shape:
-            raise InvalidInput(f"input {t.name!r} has shape {got}; it needs a leading T axis: {_shape(want)} "
-                               f"(a single timestep is [[...]])")
+            raise InvalidInput(
+                f"input {t.name!r} has shape {got}; it needs a leading T axis: {_shape(want)} "
+                f"(a single timestep is [[...]])"
+            )
         raise InvalidInput(f"input {t.name!r} has shape {got}; the model expects {_shape(want)}")
     steps = array.shape[0]
     if steps > max_steps:
@@ -65,8 +67,9 @@ def _one(contract: ModelContract, t: DataTensor, value: Any, max_steps: int) -> 
     bad = ~np.isfinite(cast)
     if bad.any():
         step = int(np.argwhere(bad)[0][0])
-        raise InvalidInput(f"input {t.name!r} contains NaN or Inf (or a value too large for "
-                           f"{t.dtype.name}) at timestep {step}")
+        raise InvalidInput(
+            f"input {t.name!r} contains NaN or Inf (or a value too large for {t.dtype.name}) at timestep {step}"
+        )
     return cast
 
 
@@ -77,8 +80,9 @@ def _tokens(contract: ModelContract, t: DataTensor, array: np.ndarray) -> np.nda
     out_of_range = (array < 0) | (array >= high)
     if out_of_range.any():
         step = int(np.argwhere(out_of_range)[0][0])
-        raise InvalidInput(f"input {t.name!r}: token id {int(array.flat[step])} at timestep {step} is out of "
-                           f"range [0, {high})")
+        raise InvalidInput(
+            f"input {t.name!r}: token id {int(array.flat[step])} at timestep {step} is out of range [0, {high})"
+        )
     return array.astype(t.dtype)
 
 
@@ -88,4 +92,5 @@ def _shape(shape: tuple[Any, ...]) -> str:
 
 def _kind(array: np.ndarray) -> str:
     return {"b": "booleans", "U": "strings", "S": "bytes", "f": "floats", "O": "mixed values"}.get(
-        array.dtype.kind, array.dtype.name)
+        array.dtype.kind, array.dtype.name
+    )

@@ -18,8 +18,9 @@ from service.store import SessionStore
 
 
 @contextlib.asynccontextmanager
-async def running_engine(url: str | None, models: Mapping[str, RecurrentModel], **settings: Any
-                         ) -> AsyncIterator[SessionService]:
+async def running_engine(
+    url: str | None, models: Mapping[str, RecurrentModel], **settings: Any
+) -> AsyncIterator[SessionService]:
     data_dir = Path(tempfile.mkdtemp(prefix="carryover-engine-"))
     store = await SessionStore.connect(url, data_dir=data_dir)
     service = SessionService(Settings(data_dir=data_dir, **settings), store, models)
@@ -36,13 +37,20 @@ async def exported_state(service: SessionService, session_id: str, owner: str = 
     return {k: archive[k] for k in archive.files}
 
 
-def offline(model: RecurrentModel, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def offline(
+    model: RecurrentModel, inputs: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The reference: the whole unpadded sequence alone, B = 1."""
     return unpadded_run(model, inputs)
 
 
-def assert_matches_offline(model: RecurrentModel, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
-                           state: dict[str, np.ndarray], atol: float = 1e-5) -> None:
+def assert_matches_offline(
+    model: RecurrentModel,
+    inputs: dict[str, np.ndarray],
+    outputs: dict[str, np.ndarray],
+    state: dict[str, np.ndarray],
+    atol: float = 1e-5,
+) -> None:
     ref_out, ref_state = offline(model, inputs)
     for k, v in ref_out.items():
         np.testing.assert_allclose(outputs[k], v, atol=atol, rtol=0)

@@ -32,7 +32,9 @@ async def test_concurrent_sessions_equal_their_offline_runs(
     """Many sessions stepping at once with random chunk sizes; long chunks split by max_chunk."""
     model = loaded[name]
     n_sessions = data.draw(st.integers(2, 12), label="sessions")
-    chunkings = [data.draw(st.lists(st.integers(1, 9), min_size=1, max_size=5), label="chunks") for _ in range(n_sessions)]
+    chunkings = [
+        data.draw(st.lists(st.integers(1, 9), min_size=1, max_size=5), label="chunks") for _ in range(n_sessions)
+    ]
     rng = np.random.default_rng(data.draw(st.integers(0, 2**31), label="seed"))
     async with running_engine(redis_url, {name: model}, max_chunk=4, max_batch_size=5, max_wait_us=500) as engine:
         ids = [(await engine.create()).session_id for _ in range(n_sessions)]
@@ -45,7 +47,9 @@ async def test_concurrent_sessions_equal_their_offline_runs(
         for sid, chunks, got in zip(ids, inputs, outs, strict=True):
             state = await exported_state(engine, sid)
             assert int(state["carryover_step"]) == sum(len(next(iter(c.values()))) for c in chunks)
-            assert_matches_offline(model, concat(chunks), concat(got), {s.input: state[s.input] for s in model.contract.states})
+            assert_matches_offline(
+                model, concat(chunks), concat(got), {s.input: state[s.input] for s in model.contract.states}
+            )
 
 
 async def test_requests_in_flight_for_one_session_apply_in_arrival_order(
@@ -57,15 +61,15 @@ async def test_requests_in_flight_for_one_session_apply_in_arrival_order(
     async with running_engine(redis_url, {"m": model}) as engine:
         sid = (await engine.create()).session_id
         other = (await engine.create()).session_id
-        replies = await asyncio.gather(*(engine.step(sid, c) for c in chunks),
-                                       *(engine.step(other, c) for c in chunks))
+        replies = await asyncio.gather(*(engine.step(sid, c) for c in chunks), *(engine.step(other, c) for c in chunks))
         assert [r.step for r in replies[:6]] == [3, 4, 9, 11, 15, 16]  # each saw the one before it
         state = await exported_state(engine, sid)
         assert_matches_offline(model, concat(chunks), concat([r.outputs for r in replies[:6]]), {"h0": state["h0"]})
 
 
-async def test_a_session_is_in_a_batch_at_most_once(redis_url: str, loaded: dict[str, RecurrentModel],
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_session_is_in_a_batch_at_most_once(
+    redis_url: str, loaded: dict[str, RecurrentModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
     seen: list[list[str]] = []
     original = Scheduler._run_group
 
@@ -94,8 +98,9 @@ async def test_an_idle_server_runs_a_lone_request_at_once(redis_url: str, loaded
         assert time.monotonic() - started < 10
 
 
-async def test_batches_respect_row_and_token_limits(redis_url: str, loaded: dict[str, RecurrentModel],
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_batches_respect_row_and_token_limits(
+    redis_url: str, loaded: dict[str, RecurrentModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
     sizes: list[tuple[int, int]] = []
     original = Scheduler._run_group
 
@@ -104,8 +109,9 @@ async def test_batches_respect_row_and_token_limits(redis_url: str, loaded: dict
         return original(self, rows)
 
     monkeypatch.setattr(Scheduler, "_run_group", spy)
-    async with running_engine(redis_url, {"m": loaded["gru_stacked"]}, max_batch_size=3, max_batch_tokens=10,
-                              bucket_overhead_tokens=10**9) as engine:
+    async with running_engine(
+        redis_url, {"m": loaded["gru_stacked"]}, max_batch_size=3, max_batch_tokens=10, bucket_overhead_tokens=10**9
+    ) as engine:
         ids = [(await engine.create()).session_id for _ in range(9)]
         await asyncio.gather(*(engine.step(s, {"x": np.ones((4, 4), np.float32)}) for s in ids))
     assert max(b for b, _ in sizes) <= 3 and max(t for _, t in sizes) <= 10
@@ -127,8 +133,9 @@ async def test_long_requests_run_in_chunks_and_stay_exact(redis_url: str, loaded
 async def test_backpressure_when_the_queue_is_full(redis_url: str, loaded: dict[str, RecurrentModel]) -> None:
     async with running_engine(redis_url, {"m": loaded["gru_stacked"]}, max_queue=3) as engine:
         ids = [(await engine.create()).session_id for _ in range(8)]
-        results = await asyncio.gather(*(engine.step(s, {"x": np.ones((2, 4), np.float32)}) for s in ids),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(engine.step(s, {"x": np.ones((2, 4), np.float32)}) for s in ids), return_exceptions=True
+        )
         rejected = [(s, r) for s, r in zip(ids, results, strict=True) if isinstance(r, Overloaded)]
         assert rejected and len(rejected) < len(ids)
         assert all(r.status == 503 and r.retry_after for _, r in rejected)
@@ -177,9 +184,13 @@ async def test_idempotent_replay_and_conflict(redis_url: str, loaded: dict[str, 
         with pytest.raises(StepConflict):  # only the LAST request can be replayed
             await engine.step(sid, x1, expected_step=0)
         state = await exported_state(engine, sid)
-        assert_matches_offline(model, concat([x1, x2]), concat([first.outputs, {"y": np.zeros((2, 3))}]) | {
-            "y": np.concatenate([first.outputs["y"], (await engine.step(sid, x2, expected_step=3)).outputs["y"]])},
-            {"h0": state["h0"]})
+        assert_matches_offline(
+            model,
+            concat([x1, x2]),
+            concat([first.outputs, {"y": np.zeros((2, 3))}])
+            | {"y": np.concatenate([first.outputs["y"], (await engine.step(sid, x2, expected_step=3)).outputs["y"]])},
+            {"h0": state["h0"]},
+        )
 
 
 async def test_two_engines_on_one_redis_never_both_apply(redis_url: str, loaded: dict[str, RecurrentModel]) -> None:
@@ -189,8 +200,9 @@ async def test_two_engines_on_one_redis_never_both_apply(redis_url: str, loaded:
         for _ in range(10):
             sid = (await a.create()).session_id
             xa, xb = random_inputs(model.contract, 2, rng), random_inputs(model.contract, 3, rng)
-            results = await asyncio.gather(a.step(sid, xa, expected_step=0), b.step(sid, xb, expected_step=0),
-                                           return_exceptions=True)
+            results = await asyncio.gather(
+                a.step(sid, xa, expected_step=0), b.step(sid, xb, expected_step=0), return_exceptions=True
+            )
             applied = [r for r in results if not isinstance(r, BaseException)]
             assert len(applied) == 1 and isinstance([r for r in results if r not in applied][0], StepConflict)
             winner = xa if applied[0] is results[0] else xb
@@ -204,8 +216,12 @@ async def test_two_engines_on_one_redis_never_both_apply(redis_url: str, loaded:
         state = await exported_state(a, sid)
         assert int(state["carryover_step"]) == 5
         order = [xa, xb] if ra.step == 2 else [xb, xa]
-        assert_matches_offline(model, concat(order), concat([ra.outputs, rb.outputs] if ra.step == 2 else
-                                                             [rb.outputs, ra.outputs]), {"h0": state["h0"]})
+        assert_matches_offline(
+            model,
+            concat(order),
+            concat([ra.outputs, rb.outputs] if ra.step == 2 else [rb.outputs, ra.outputs]),
+            {"h0": state["h0"]},
+        )
 
 
 async def test_redis_killed_mid_run_then_restarted(tmp_path: Path, loaded: dict[str, RecurrentModel]) -> None:
@@ -230,7 +246,8 @@ async def test_redis_killed_mid_run_then_restarted(tmp_path: Path, loaded: dict[
             x = random_inputs(model.contract, 1, rng)
             acked.append((x, await engine.step(sid, x)))  # the same engine recovered
             state = await exported_state(engine, sid)
-            assert_matches_offline(model, concat([a for a, _ in acked]), concat([r.outputs for _, r in acked]),
-                                   {"h0": state["h0"]})
+            assert_matches_offline(
+                model, concat([a for a, _ in acked]), concat([r.outputs for _, r in acked]), {"h0": state["h0"]}
+            )
     finally:
         server.stop()
