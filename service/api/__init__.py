@@ -1,0 +1,1 @@
+"""Transports: thin leaves that parse, call ``SessionService``, and reply."""
