@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "charlm.onnx"
+from service.config import BUNDLED_MODEL
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -57,9 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--tolerance", type=float, default=1e-5)
     verify.set_defaults(func=_verify)
 
+    from service.client_cli import add_client_parser
     from service.serve import add_serve_parser
 
     add_serve_parser(sub)
+    add_client_parser(sub)
     return parser
 
 
