@@ -18,6 +18,7 @@ It decides *what* runs; ``RecurrentModel`` runs it and ``SessionStore`` keeps th
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -66,6 +67,7 @@ class StepRequest:
     expected_step: int | None
     digest: str
     future: asyncio.Future[StepReply]
+    arrival: int = 0  # key in the scheduler's queue
     next_chunk: int = 0
     base: SessionRecord | None = None  # the record as loaded before chunk 0
     states: dict[str, np.ndarray] = field(default_factory=dict)  # after the chunks applied so far
@@ -116,6 +118,7 @@ class Scheduler:
         self._stopping = False
         self.batches = 0  # counters for benchmarks and tests
         self.model_calls = 0
+        self.call_shapes: collections.deque[tuple[int, int]] = collections.deque(maxlen=100_000)  # (B, T)
 
     # -- public -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -151,7 +154,8 @@ class Scheduler:
         request = StepRequest(
             session_id, owner, split_chunks(inputs, self.settings.max_chunk), expected_step, digest, future
         )
-        self._queue[next(self._arrivals)] = request
+        request.arrival = next(self._arrivals)
+        self._queue[request.arrival] = request
         self._gauge()
         self._changed.set()
         return future
@@ -258,8 +262,8 @@ class Scheduler:
             elif rec.fingerprint != self.model.fingerprint or rec.model != self.name:
                 self._fail(r, ModelMismatch(f"session {r.session_id!r} holds state of another model"))
             elif r.expected_step is not None and r.expected_step != rec.step:
-                if r.digest == rec.last_digest and r.expected_step + r.total_steps == rec.step and rec.last_reply:
-                    self._resolve(r, StepReply(r.session_id, rec.step, unpack_arrays(rec.last_reply), replay=True))
+                if r.digest == rec.last_digest and r.expected_step + r.total_steps == rec.step:
+                    await self._replay(r)
                 else:
                     self._fail(
                         r,
@@ -273,6 +277,18 @@ class Scheduler:
                 admitted.append(r)
         return admitted
 
+    async def _replay(self, r: StepRequest) -> None:
+        """The request was already applied (its reply was lost): answer with the stored outputs."""
+        try:
+            (rec,) = await self.store.load([r.session_id], with_reply=True)
+        except StoreUnavailable as e:
+            self._fail(r, Unavailable(str(e), retry_after=e.retry_after))
+            return
+        if rec is None or rec.last_digest != r.digest or not rec.last_reply:
+            self._fail(r, StepConflict("the session changed while replaying", current_step=rec.step if rec else None))
+        else:
+            self._resolve(r, StepReply(r.session_id, rec.step, unpack_arrays(rec.last_reply), replay=True))
+
     async def _run_model(self, rows: list[StepRequest]) -> None:
         groups = plan_buckets([r.chunk_steps for r in rows], self.settings.bucket_overhead_tokens)
         loop = asyncio.get_running_loop()
@@ -282,6 +298,7 @@ class Scheduler:
                 started = time.perf_counter()
                 result = await loop.run_in_executor(self._executor, self._run_group, members)
                 self.model_calls += 1
+                self.call_shapes.append((len(members), max(r.chunk_steps for r in members)))
                 if self.metrics:
                     name = self.name
                     self.metrics.batch_seconds.labels(name).observe(time.perf_counter() - started)
@@ -362,10 +379,7 @@ class Scheduler:
         self._forget(r)
 
     def _forget(self, r: StepRequest) -> None:
-        for key, queued in list(self._queue.items()):
-            if queued is r:
-                del self._queue[key]
-                break
+        self._queue.pop(r.arrival, None)
 
     def _gauge(self) -> None:
         if self.metrics:

@@ -133,9 +133,16 @@ return 1
 """
 
 # Read and refresh the TTL in one step; returns nil or {flat field/value list, pttl_ms}.
+# ARGV[1] == '1' includes ``last_reply``; batch loads leave it out (it is only needed to answer
+# a replay, which then fetches it with a second call), so a load moves states, not old outputs.
 _LOAD = """
 local h = redis.call('HGETALL', KEYS[1])
 if #h == 0 then return false end
+if ARGV[1] ~= '1' then
+  for i = 1, #h, 2 do
+    if h[i] == 'last_reply' then h[i + 1] = '' end
+  end
+end
 local ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl_s'))
 if ttl and ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
 return {h, redis.call('PTTL', KEYS[1])}
@@ -309,10 +316,14 @@ class SessionStore:
         [created] = await self._run([(_SCRIPTS["create"], session_key(record.session_id), args)])
         return bool(created)
 
-    async def load(self, ids: Sequence[str]) -> list[SessionRecord | None]:
-        """Records in ``ids`` order (None where missing), one round trip; refreshes each TTL."""
+    async def load(self, ids: Sequence[str], *, with_reply: bool = False) -> list[SessionRecord | None]:
+        """Records in ``ids`` order (None where missing), one round trip; refreshes each TTL.
+
+        ``last_reply`` comes back empty unless ``with_reply`` (see ``_LOAD``).
+        """
         keys = [session_key(i) for i in ids]
-        replies = await self._run([(_SCRIPTS["load"], k, ()) for k in keys])
+        flag = "1" if with_reply else "0"
+        replies = await self._run([(_SCRIPTS["load"], k, (flag,)) for k in keys])
         return [None if r is None else _decode(k, r[0], int(r[1]))
                 for k, r in zip(keys, replies, strict=True)]
 

@@ -1,0 +1,147 @@
+"""In-process engine throughput: batching on vs off, and vs raw ONNX Runtime (the ceiling).
+
+    python -m bench.engine [--sessions 256] [--requests 8] [--steps 8]
+
+256 sessions step concurrently (closed loop: each sends its next request when the previous one
+is answered) through the real engine: a real Redis (an embedded redis-server in a temp dir),
+the real scheduler and the bundled char LM. Runs: batching on (``max_batch_size=64``) and off
+(``max_batch_size=1``). The ceiling replays the exact (B, T) shapes the batching run executed
+straight into ``RecurrentModel.run``: no Redis, no asyncio. All numbers come from one run on
+the same machine, so the ratios are what matter on a shared, noisy box.
+Writes ``bench/results/engine.json`` and ``bench/results/engine.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.config import BUNDLED_MODEL, Settings
+from service.model import RecurrentModel
+from service.sessions import SessionService
+from service.store import SessionStore
+
+RESULTS = Path(__file__).parent / "results"
+
+
+async def engine_run(model: RecurrentModel, store: SessionStore, sessions: int, requests: int, steps: int,
+                     **settings: Any) -> dict[str, Any]:
+    service = SessionService(Settings(**settings), store, {"lm": model})
+    await service.start()
+    rng = np.random.default_rng(0)
+    vocab = len(model.contract.vocab or ())
+    ids = [(await service.create()).session_id for _ in range(sessions)]
+    payloads = [rng.integers(0, vocab, size=(requests, steps)) for _ in ids]
+
+    async def drive(sid: str, tokens: np.ndarray) -> None:
+        step = 0
+        for row in tokens:  # with `step`, as the client sends it: replay records are written too
+            step = (await service.step(sid, {"tokens": row}, expected_step=step)).step
+
+    trips_before = store.round_trips
+    started = time.perf_counter()
+    await asyncio.gather(*(drive(s, p) for s, p in zip(ids, payloads, strict=True)))
+    elapsed = time.perf_counter() - started
+    scheduler = service.schedulers["lm"]
+    shapes = list(scheduler.call_shapes)
+    batches = scheduler.batches
+    await service.stop()
+    total = sessions * requests * steps
+    return {"steps_per_s": total / elapsed, "seconds": elapsed, "timesteps": total, "model_calls": len(shapes),
+            "batches": batches, "mean_rows": float(np.mean([b for b, _ in shapes])),
+            "redis_round_trips_per_batch": (store.round_trips - trips_before) / max(batches, 1),
+            "shapes": shapes}
+
+
+def raw_run(model: RecurrentModel, shapes: list[tuple[int, int]]) -> dict[str, Any]:
+    """The ceiling: the same (B, T) batches straight into the runtime, nothing around them."""
+    rng = np.random.default_rng(1)
+    vocab = len(model.contract.vocab or ())
+    name = model.contract.inputs[0].name
+    prepared = [({name: rng.integers(0, vocab, size=(b, t))}, np.ones((b, t), bool),
+                 model.contract.initial_states(b)) for b, t in shapes]
+    started = time.perf_counter()
+    for inputs, mask, states in prepared:
+        model.run(inputs, mask, states)
+    elapsed = time.perf_counter() - started
+    return {"steps_per_s": sum(b * t for b, t in shapes) / elapsed, "seconds": elapsed}
+
+
+async def measure(model: RecurrentModel, args: argparse.Namespace, steps: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="carryover-bench-") as tmp:
+        store = await SessionStore.connect(args.redis_url, data_dir=Path(tmp))
+        try:
+            common = {"data_dir": Path(tmp), "max_wait_us": 2000}
+            batched = await engine_run(model, store, args.sessions, args.requests, steps,
+                                       max_batch_size=64, **common)
+            single = await engine_run(model, store, args.sessions, max(1, args.requests // 4), steps,
+                                      max_batch_size=1, **common)
+        finally:
+            await store.close()
+    raw = raw_run(model, batched["shapes"])
+    return {
+        "steps_per_request": steps,
+        "batched_steps_per_s": round(batched["steps_per_s"]),
+        "unbatched_steps_per_s": round(single["steps_per_s"]),
+        "raw_ort_steps_per_s": round(raw["steps_per_s"]),
+        "batching_speedup": round(batched["steps_per_s"] / single["steps_per_s"], 2),
+        "engine_vs_raw": round(batched["steps_per_s"] / raw["steps_per_s"], 3),
+        "mean_rows_per_call": round(batched["mean_rows"], 1),
+        "redis_round_trips_per_batch": round(batched["redis_round_trips_per_batch"], 2),
+        "redis_round_trips_per_batch_unbatched": round(single["redis_round_trips_per_batch"], 2),
+    }
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    model = RecurrentModel(args.model, name="lm", intra_op_threads=args.threads)
+    runs = [await measure(model, args, steps) for steps in args.steps]
+    return {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {model.provider}, "
+                       f"{args.threads or 'default'} ORT intra-op thread(s)",
+            "model": f"bundled char LM ({Path(args.model).name})", "sessions": args.sessions,
+            "requests_per_session": args.requests, "runs": runs}
+
+
+def write(result: dict[str, Any]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "engine.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        f"{result['sessions']} sessions × {result['requests_per_session']} requests, {result['model']}; "
+        f"{result['machine']}.",
+        "",
+        "| steps/request | batching on (64 rows) | batching off (1 row) | raw ORT, same shapes | batching speed-up "
+        "| engine / raw | Redis round trips / batch |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["runs"]:
+        lines.append(f"| {r['steps_per_request']} | {r['batched_steps_per_s']:,} | {r['unbatched_steps_per_s']:,} "
+                     f"| {r['raw_ort_steps_per_s']:,} | **{r['batching_speedup']}×** | **{r['engine_vs_raw']:.0%}** "
+                     f"| {r['redis_round_trips_per_batch']} |")
+    lines.append("")
+    lines.append("Timesteps per second. Goals: batching ≥ 8× off, engine ≥ 70 % of raw ORT.")
+    (RESULTS / "engine.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sessions", type=int, default=256)
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--steps", type=int, nargs="+", default=[8, 32, 128], help="steps per request (one run each)")
+    p.add_argument("--threads", type=int, default=1, help="ORT intra-op threads, for the engine and the ceiling")
+    p.add_argument("--model", default=str(BUNDLED_MODEL))
+    p.add_argument("--redis-url", default=None, help="default: an embedded redis-server in a temp dir")
+    result = asyncio.run(main_async(p.parse_args()))
+    write(result)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
