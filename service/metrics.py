@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -44,3 +46,13 @@ class Metrics:
         )
         self.sessions = Gauge("carryover_sessions", "sessions in the store", registry=r)
         self.ws_connections = Gauge("carryover_websocket_connections", "open WebSocket connections", registry=r)
+
+    def prepare(self, models: Iterable[str]) -> None:
+        """Create each model's labelled series, so a scrape shows them (at zero) before the first
+        batch; idempotent and cheap."""
+        per_model = (self.batch_rows, self.batch_padding, self.batch_seconds, self.queue_depth, self.steps)
+        for name in models:
+            for family in (*per_model, self.cas_conflicts):
+                family.labels(name)
+        for op in ("load", "save"):
+            self.redis_seconds.labels(op)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any
 
 import orjson
@@ -11,12 +12,33 @@ from service.errors import CarryoverError
 
 PROBLEM_TYPE_BASE = "https://carryover.dev/problems/"
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+DEFAULT_RETRY_AFTER_S = 1  # a 503 always says when to come back
+
+# Machine codes of the failures that Starlette / FastAPI raise by status (routing, parsing).
+HTTP_CODES: dict[int, str] = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_input",
+    429: "too_many_requests",
+    500: "internal",
+    503: "unavailable",
+}
 
 
-def problem(status: int, code: str, title: str, detail: str, *, request_id: str | None = None,
-            **extra: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"type": PROBLEM_TYPE_BASE + code, "title": title, "status": status,
-                            "detail": detail, "code": code}
+def problem(
+    status: int, code: str, title: str, detail: str, *, request_id: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE_BASE + code,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
     if request_id:
         body["request_id"] = request_id
     body.update({k: v for k, v in extra.items() if v is not None})
@@ -27,10 +49,23 @@ def error_problem(error: CarryoverError, request_id: str | None = None) -> dict[
     return problem(error.status, error.code, error.title, error.detail, request_id=request_id, **error.extra)
 
 
+def http_problem(status: int, detail: str, *, request_id: str | None = None, **extra: Any) -> dict[str, Any]:
+    """A problem for a bare HTTP status (404 no route, 405, 413, ...): code and title by status."""
+    try:
+        title = HTTPStatus(status).phrase
+    except ValueError:
+        title = "Error"
+    code = HTTP_CODES.get(status, "http_" + str(status))
+    return problem(status, code, title, detail, request_id=request_id, **extra)
+
+
 def problem_response(body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    """The problem as ``application/problem+json``; 503s (and any problem with ``retry_after``)
+    carry ``Retry-After`` in whole seconds."""
     out = dict(headers or {})
     retry_after = body.get("retry_after")
+    if retry_after is None and body.get("status") == 503:
+        retry_after = DEFAULT_RETRY_AFTER_S
     if retry_after is not None:
         out["Retry-After"] = str(max(1, round(float(retry_after))))
-    return Response(orjson.dumps(body), status_code=int(body["status"]), media_type=PROBLEM_MEDIA_TYPE,
-                    headers=out)
+    return Response(orjson.dumps(body), status_code=int(body["status"]), media_type=PROBLEM_MEDIA_TYPE, headers=out)

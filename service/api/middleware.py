@@ -1,0 +1,162 @@
+"""Pure-ASGI middleware around every HTTP request: request id, body size limit, metrics, access
+log, and the last-resort 500.
+
+Pure ASGI (not ``BaseHTTPMiddleware``) so streaming responses keep streaming; ``websocket`` and
+``lifespan`` scopes pass straight through untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from contextvars import ContextVar
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.problems import http_problem, problem, problem_response
+from service.metrics import Metrics
+
+REQUEST_ID_HEADER = "X-Request-ID"
+SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+UNMATCHED_ROUTE = "unmatched"  # label of requests no route matched (never the raw path: unbounded)
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("service.access")
+
+# The current request's id, for log lines written while handling it (see ``RequestIdLogFilter``).
+request_id_var: ContextVar[str | None] = ContextVar("carryover_request_id", default=None)
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive`` once the body is known to exceed the limit. An ``HTTPException``
+    so that FastAPI's own body parsing re-raises it instead of turning it into a 400."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body exceeds the limit of {limit} bytes (setting max_body_bytes)")
+
+
+class RequestIdLogFilter(logging.Filter):
+    """Adds ``record.request_id`` (or ``-``) to every record; attach it to a handler to put the id
+    into every log line written while a request is handled."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = request_id_var.get() or "-"
+        return True
+
+
+def request_id_of(scope: Scope) -> str | None:
+    """The id this middleware gave the request (also at ``request.state.request_id``)."""
+    value = scope.get("state", {}).get("request_id")
+    return value if isinstance(value, str) else None
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's path template, e.g. ``/v1/sessions/{session_id}/step``."""
+    path = getattr(scope.get("route"), "path", None)
+    return path if isinstance(path, str) and path else UNMATCHED_ROUTE
+
+
+def _content_length(headers: Headers) -> int | None:
+    value = headers.get("content-length")
+    return int(value) if value is not None and value.isdigit() else None
+
+
+class RequestContextMiddleware:
+    """Per HTTP request: an ``X-Request-ID`` (the client's if sane, else a uuid4 hex) in the
+    scope state and on the response; the body limit (``max_body_bytes``: by Content-Length before
+    any byte is read, and while the body streams in); one access log line and the request
+    metrics, labelled by route template; and a problem+json 500 for an unexpected exception."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, metrics: Metrics) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = Headers(scope=scope)
+        request_id = headers.get(REQUEST_ID_HEADER, "")
+        if not SANE_REQUEST_ID.fullmatch(request_id):
+            request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        token = request_id_var.set(request_id)
+        limit = self.max_body_bytes
+        declared = _content_length(headers)
+        received = 0
+        status = 500
+        response_started = False
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            if declared is not None and declared > limit:
+                raise BodyTooLarge(limit)  # before reading a byte of it
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                status = int(message["status"])
+                out = MutableHeaders(scope=message)
+                out[REQUEST_ID_HEADER] = request_id
+                if status == 413:  # the rest of the body is never read: do not reuse the connection
+                    out["Connection"] = "close"
+            await send(message)
+
+        try:
+            await self.app(scope, receive_limited, send_with_id)
+        except Exception as e:
+            if response_started:
+                log.exception("error after the response started (request_id=%s)", request_id)
+                raise
+            if isinstance(e, HTTPException):  # only if it escaped the exception handlers
+                body = http_problem(e.status_code, str(e.detail))
+            else:
+                log.exception("unhandled error in %s %s (request_id=%s)", scope["method"], scope["path"], request_id)
+                body = problem(
+                    500,
+                    "internal",
+                    "Internal error",
+                    f"an unexpected error occurred; the server log has details under request id {request_id}",
+                )
+            await problem_response({**body, "request_id": request_id})(scope, receive, send_with_id)
+        finally:
+            request_id_var.reset(token)
+            self._record(scope, status, time.perf_counter() - started, request_id)
+
+    def _record(self, scope: Scope, status: int, seconds: float, request_id: str) -> None:
+        method = scope["method"] if scope["method"] in METHODS else "OTHER"
+        route = route_template(scope)
+        self.metrics.requests.labels(route, method, str(status)).inc()
+        self.metrics.request_latency.labels(route).observe(seconds)
+        access_log.info(
+            "method=%s route=%s path=%s status=%d duration_ms=%.2f request_id=%s",
+            method,
+            route,
+            scope["path"],
+            status,
+            seconds * 1000,
+            request_id,
+            extra={
+                "request_id": request_id,
+                "method": method,
+                "route": route,
+                "path": scope["path"],
+                "status": status,
+                "duration_ms": round(seconds * 1000, 3),
+            },
+        )
