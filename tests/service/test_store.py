@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import orjson
 import redis
 
 from service import embedded_redis as er
@@ -89,12 +90,22 @@ async def test_create_once_and_read_back_every_field(store: SessionStore, raw: r
                   last_reply=b"\x00reply", created_at=1712345678.123456, updated_at=1712345679.5)
     assert await store.create(rec)
     assert not await store.create(replace(rec, model="other"))  # exists: untouched
-    [got] = await store.load([rec.session_id])
+    [got] = await store.load([rec.session_id], with_reply=True)
     assert got is not None and got.expires_in is not None and 599 < got.expires_in <= 600
     assert replace(got, expires_in=None) == rec
     stored = raw.hgetall(session_key("a/é"))
-    assert stored[b"revision"] == b"1" and stored[b"step"] == b"0" and stored[b"s2"] == bytes(range(256))
-    assert stored[b"created_at"] == b"1712345678.123456"
+    assert stored[b"revision"] == b"1" and stored[b"s2"] == bytes(range(256))
+    meta = orjson.loads(stored[b"meta"])
+    assert meta["step"] == 0 and meta["created_at"] == 1712345678.123456
+
+
+async def test_batch_loads_leave_the_replay_outputs_out(store: SessionStore) -> None:
+    rec = replace(record("lean"), last_reply=b"x" * 1000, last_digest="d")
+    assert await store.create(rec)
+    [lean] = await store.load(["lean"])
+    [full] = await store.load(["lean"], with_reply=True)
+    assert lean is not None and full is not None
+    assert (lean.last_reply, lean.last_digest, full.last_reply) == (b"", "d", b"x" * 1000)
 
 
 async def test_load_and_save_a_batch_are_one_round_trip_each(store: SessionStore) -> None:
@@ -146,7 +157,7 @@ async def test_cas_conflict_leaves_the_record_unchanged(store: SessionStore) -> 
     assert await store.save([(first, 1)]) == [WriteOutcome.OK]
     stale = replace(advanced(rec), step=99, states=(b"stale",))  # also read at revision 1
     assert await store.save([(stale, 1)]) == [WriteOutcome.CONFLICT]
-    [got] = await store.load(["cas"])
+    [got] = await store.load(["cas"], with_reply=True)
     assert got is not None and replace(got, expires_in=None) == first
     with pytest.raises(ValueError, match="revision"):
         await store.save([(replace(first, revision=5), 2)])
@@ -168,7 +179,7 @@ async def test_save_replaces_the_whole_record(store: SessionStore, raw: redis.Re
     assert await store.save([(replace(rec, revision=2, states=(b"x",)), 1)]) == [WriteOutcome.OK]
     fields = [k for k in raw.hkeys(session_key("whole")) if isinstance(k, bytes)]
     assert sorted(k for k in fields if k.startswith(b"s") and k[1:].isdigit()) == [b"s0"]
-    [got] = await store.load(["whole"])
+    [got] = await store.load(["whole"], with_reply=True)
     assert got is not None and got.states == (b"x",)
 
 
@@ -198,7 +209,7 @@ async def test_two_stores_racing_on_one_revision(redis_url: str, tmp_path: Path)
             mine, theirs = advanced(cur, 1), replace(advanced(cur, 2), last_digest="b")
             outcomes = await asyncio.gather(a.save([(mine, cur.revision)]), b.save([(theirs, cur.revision)]))
             assert sorted(o.value for [o] in outcomes) == ["conflict", "ok"]
-        [final] = await b.load(["race"])
+        [final] = await b.load(["race"], with_reply=True)
         assert final is not None and final.revision == 101
     finally:
         await a.close()
@@ -228,13 +239,13 @@ async def test_scripts_are_reloaded_after_script_flush(store: SessionStore, raw:
     assert await store.create(rec)
     raw.script_flush()
     before = store.round_trips
-    [got] = await store.load(["noscript"])
+    [got] = await store.load(["noscript"], with_reply=True)
     assert got is not None
     assert store.round_trips == before + 3  # refused, SCRIPT LOAD, re-sent
     raw.script_flush()
     assert await store.save([(advanced(got), 1)]) == [WriteOutcome.OK]
     before = store.round_trips
-    [got] = await store.load(["noscript"])
+    [got] = await store.load(["noscript"], with_reply=True)
     assert store.round_trips == before + 1 and got is not None and got.revision == 2
 
 
@@ -282,7 +293,7 @@ async def test_crash_outage_and_recovery_on_the_same_store(tmp_path: Path) -> No
             assert info.value.retry_after > 0
 
         server.start()  # same port, a fresh process: no scripts loaded
-        loaded = await s.load(ids)  # the same store object, NOSCRIPT handled
+        loaded = await s.load(ids, with_reply=True)  # the same store object, NOSCRIPT handled
         for sid, rec in zip(ids, loaded, strict=True):
             assert rec is not None
             assert_whole(rec)  # never a half-written record
@@ -344,7 +355,7 @@ async def test_embedded_redis_persists_across_restarts(tmp_path: Path) -> None:
 
     s = await SessionStore.connect(None, data_dir=data_dir)
     try:
-        [got] = await s.load(["persist"])
+        [got] = await s.load(["persist"], with_reply=True)
         assert got is not None and got.revision == 2 and got.states == consistent_states(2)
     finally:
         await s.close()
