@@ -204,7 +204,7 @@ async def test_two_engines_on_one_redis_never_both_apply(redis_url: str, loaded:
                 a.step(sid, xa, expected_step=0), b.step(sid, xb, expected_step=0), return_exceptions=True
             )
             applied = [r for r in results if not isinstance(r, BaseException)]
-            assert len(applied) == 1 and isinstance([r for r in results if r not in applied][0], StepConflict)
+            assert len(applied) == 1 and isinstance(next(r for r in results if r not in applied), StepConflict)
             winner = xa if applied[0] is results[0] else xb
             state = await exported_state(b, sid)
             assert int(state["carryover_step"]) == len(winner["x"])

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
 import orjson
+import pytest
 import redis
 
 from service import embedded_redis as er
