@@ -14,18 +14,18 @@ PROBLEM_TYPE_BASE = "https://carryover.dev/problems/"
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 DEFAULT_RETRY_AFTER_S = 1  # a 503 always says when to come back
 
-# Machine codes of the failures that Starlette / FastAPI raise by status (routing, parsing).
-HTTP_CODES: dict[int, str] = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    406: "not_acceptable",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    422: "invalid_input",
-    429: "too_many_requests",
-    500: "internal",
-    503: "unavailable",
+# Code and title of the failures that Starlette / FastAPI raise by status (routing, parsing).
+HTTP_PROBLEMS: dict[int, tuple[str, str]] = {
+    400: ("bad_request", "Bad request"),
+    404: ("not_found", "Not found"),
+    405: ("method_not_allowed", "Method not allowed"),
+    406: ("not_acceptable", "Not acceptable"),
+    413: ("payload_too_large", "Payload too large"),
+    415: ("unsupported_media_type", "Unsupported media type"),
+    422: ("invalid_input", "Invalid input"),
+    429: ("too_many_requests", "Too many requests"),
+    500: ("internal", "Internal error"),
+    503: ("unavailable", "Service unavailable"),
 }
 
 
@@ -52,10 +52,10 @@ def error_problem(error: CarryoverError, request_id: str | None = None) -> dict[
 def http_problem(status: int, detail: str, *, request_id: str | None = None, **extra: Any) -> dict[str, Any]:
     """A problem for a bare HTTP status (404 no route, 405, 413, ...): code and title by status."""
     try:
-        title = HTTPStatus(status).phrase
+        phrase = HTTPStatus(status).phrase
     except ValueError:
-        title = "Error"
-    code = HTTP_CODES.get(status, "http_" + str(status))
+        phrase = "Error"
+    code, title = HTTP_PROBLEMS.get(status, (f"http_{status}", phrase))
     return problem(status, code, title, detail, request_id=request_id, **extra)
 
 
