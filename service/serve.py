@@ -13,9 +13,11 @@ import argparse
 import json
 import logging
 import os
+import socket
 from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
 from pydantic.fields import FieldInfo
 
 from service.config import Settings
@@ -69,6 +71,34 @@ def settings_to_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn closes WebSockets itself at shutdown, cutting pipelined chunks; this server first
+    lets the app drain them (answer what was read, then close 1012), then shuts down as usual."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        app = _find_app(self.config.loaded_app)
+        if app is not None:
+            from service.api.ws import close_all
+
+            app.state.shutting_down = True
+            await close_all(app)
+        await super().shutdown(sockets)
+
+
+def _find_app(app: Any) -> FastAPI | None:
+    """The FastAPI app inside uvicorn's wrappers (proxy headers, message logger...)."""
+    for _ in range(8):
+        if isinstance(app, FastAPI):
+            return app
+        app = getattr(app, "app", None)
+    return None
+
+
+def uvicorn_config(app: Any, settings: Settings, **kwargs: Any) -> uvicorn.Config:
+    return uvicorn.Config(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                          ws="websockets", ws_max_size=settings.max_body_bytes + 1024, **kwargs)
+
+
 def run(settings: Settings) -> None:
     embedded = None
     if settings.redis_url is None:
@@ -80,9 +110,17 @@ def run(settings: Settings) -> None:
         log.info("embedded Redis (AOF under %s) at %s", settings.data_dir, embedded.url)
     try:
         os.environ.update(settings_to_env(settings))
-        uvicorn.run("service.app:create_app", factory=True, host=settings.host, port=settings.port,
-                    workers=settings.workers, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, log_level="info",
-                    ws="websockets")
+        config = uvicorn_config("service.app:create_app", settings, factory=True, workers=settings.workers,
+                                log_level="info")
+        if settings.workers > 1:
+            # uvicorn's worker processes build a plain uvicorn.Server: at shutdown it closes
+            # WebSockets (1012) before the app can answer pipelined chunks. Those chunks still
+            # land (the batcher drains); a client sending `step` learns their outcome on retry.
+            from uvicorn.supervisors import Multiprocess
+
+            Multiprocess(config, sockets=[config.bind_socket()]).run()
+        else:
+            DrainingServer(config).run()
     finally:
         if embedded is not None:
             embedded.stop()

@@ -7,6 +7,7 @@ that loses the race runs again on the new state).
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
 import secrets
@@ -39,6 +40,7 @@ CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,127}$")
 META_KEYS = ("carryover_step", "carryover_fingerprint", "carryover_model")
 WRITE_ATTEMPTS = 8
 COUNT_CACHE_S = 1.0
+ROUTING_STRIPES = 256
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class SessionService:
         self.schedulers = {name: Scheduler(name, m, store, settings, metrics) for name, m in self.models.items()}
         self.metrics = metrics
         self._session_model: dict[str, str] = {}  # routing cache for multi-model servers
+        self._routing_locks = [asyncio.Lock() for _ in range(ROUTING_STRIPES)]
         self._count: tuple[float, int] = (0.0, 0)
 
     async def start(self) -> None:
@@ -178,21 +181,23 @@ class SessionService:
         if expected_step is not None and (not isinstance(expected_step, int) or expected_step < 0):
             raise InvalidInput("'step' must be a non-negative integer")
         key = self._key(session_id, owner)
-        name = await self._model_of(key, session_id, owner)
-        arrays = validate_inputs(self.models[name].contract, inputs, self.settings.max_steps_per_request)
-        future = self.schedulers[name].submit(key, owner, arrays, expected_step, request_digest(arrays))
+        if len(self.models) == 1:  # no await before submit: calls queue in the order they were made
+            future = self._submit(self.default_model, key, owner, inputs, expected_step)
+        else:
+            # Finding the session's model may need Redis; a FIFO lock per key stripe keeps the
+            # submissions of one session in call order across that await (pipelined WS chunks).
+            async with self._routing_locks[hash(key) % len(self._routing_locks)]:
+                if key not in self._session_model:
+                    self._session_model[key] = (await self._load(session_id, owner)).model
+                future = self._submit(self._session_model[key], key, owner, inputs, expected_step)
         reply = await future
         return replace(reply, session_id=session_id)
 
-    async def _model_of(self, key: str, session_id: str, owner: str) -> str:
-        """The served name of the session's model (the scheduler re-checks it on the record)."""
-        if len(self.models) == 1:
-            return self.default_model
-        if key not in self._session_model:
-            self._session_model[key] = (await self._load(session_id, owner)).model
-        name = self._session_model[key]
-        self.model(name)
-        return name
+    def _submit(self, name: str, key: str, owner: str, inputs: Mapping[str, Any], expected_step: int | None
+                ) -> asyncio.Future[StepReply]:
+        """Validate and queue; the scheduler re-checks the session's model on its record."""
+        arrays = validate_inputs(self.model(name).contract, inputs, self.settings.max_steps_per_request)
+        return self.schedulers[name].submit(key, owner, arrays, expected_step, request_digest(arrays))
 
     # -- state export / import --------------------------------------------------------------
     async def export_state(self, session_id: str, owner: str = "") -> bytes:

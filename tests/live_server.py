@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from service.app import create_app
 from service.config import Settings
 from service.model import RecurrentModel
+from service.serve import DrainingServer, uvicorn_config
 from tests.redis_fixture import RedisServer, free_port
 
 
@@ -24,9 +24,8 @@ class LiveServer:
     def __init__(self, app: FastAPI, port: int | None = None) -> None:
         self.app = app
         self.port = port or free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", ws="websockets", lifespan="on")
-        )
+        settings = app.state.settings.model_copy(update={"host": "127.0.0.1", "port": self.port})
+        self.server = DrainingServer(uvicorn_config(app, settings, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
 
     @property

@@ -15,6 +15,7 @@ from contextvars import ContextVar
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.problems import http_problem, problem, problem_response
@@ -23,6 +24,7 @@ from service.metrics import Metrics
 REQUEST_ID_HEADER = "X-Request-ID"
 SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+CLIENT_CLOSED_REQUEST = 499  # status recorded (never sent) for a client that left mid-request
 UNMATCHED_ROUTE = "unmatched"  # label of requests no route matched (never the raw path: unbounded)
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,11 @@ request_id_var: ContextVar[str | None] = ContextVar("carryover_request_id", defa
 
 class BodyTooLarge(HTTPException):
     """Raised from ``receive`` once the body is known to exceed the limit. An ``HTTPException``
-    so that FastAPI's own body parsing re-raises it instead of turning it into a 400."""
+    so that FastAPI's own body parsing re-raises it instead of turning it into a 400.
+
+    The 413 keeps the connection open on purpose: uvicorn discards (never buffers) the rest of
+    a body whose response is complete, so a client still uploading reads the 413, where closing
+    early would reset the connection under it."""
 
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"the request body exceeds the limit of {limit} bytes (setting max_body_bytes)")
@@ -113,12 +119,13 @@ class RequestContextMiddleware:
                 status = int(message["status"])
                 out = MutableHeaders(scope=message)
                 out[REQUEST_ID_HEADER] = request_id
-                if status == 413:  # the rest of the body is never read: do not reuse the connection
-                    out["Connection"] = "close"
             await send(message)
 
         try:
             await self.app(scope, receive_limited, send_with_id)
+        except ClientDisconnect:  # gone while sending its body: nobody to answer
+            if not response_started:
+                status = CLIENT_CLOSED_REQUEST
         except Exception as e:
             if response_started:
                 log.exception("error after the response started (request_id=%s)", request_id)
