@@ -61,6 +61,11 @@ def _body(inputs: Mapping[str, Any], step: int | None) -> bytes:
     return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
+def _steps(inputs: Mapping[str, Any]) -> int:
+    """T of a request: the leading axis of its (first) input."""
+    return len(next(iter(inputs.values())))
+
+
 def _result(response: httpx.Response) -> StepResult:
     data = orjson.loads(response.content)
     outputs = {k: np.asarray(v, dtype=np.float32) for k, v in data["outputs"].items()}
@@ -102,7 +107,7 @@ class Session:
         pending = 0
         with connect(_ws_url(self.client.base_url, f"/v1/sessions/{self.id}/stream"),
                      max_size=None) as ws:
-            _expect_session_message(ws.recv())
+            expected = int(_expect_session_message(ws.recv())["step"])
             iterator = iter(chunks)
             exhausted = False
             while True:
@@ -111,7 +116,8 @@ class Session:
                     if chunk is None:
                         exhausted = True
                         break
-                    ws.send(_body(chunk, None).decode())
+                    ws.send(_body(chunk, expected).decode())  # `step` per chunk: exactly once
+                    expected += _steps(chunk)
                     pending += 1
                 if pending == 0:
                     return
@@ -228,7 +234,7 @@ class AsyncSession:
         from websockets.asyncio.client import connect
 
         async with connect(_ws_url(self.client.base_url, f"/v1/sessions/{self.id}/stream"), max_size=None) as ws:
-            _expect_session_message(await ws.recv())
+            expected = int(_expect_session_message(await ws.recv())["step"])
             pending = 0
             iterator = iter(chunks)
             exhausted = False
@@ -238,7 +244,8 @@ class AsyncSession:
                     if chunk is None:
                         exhausted = True
                         break
-                    await ws.send(_body(chunk, None).decode())
+                    await ws.send(_body(chunk, expected).decode())  # `step` per chunk: exactly once
+                    expected += _steps(chunk)
                     pending += 1
                 if pending == 0:
                     return
