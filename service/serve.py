@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import socket
 from typing import Any
 
@@ -99,7 +100,14 @@ def uvicorn_config(app: Any, settings: Settings, **kwargs: Any) -> uvicorn.Confi
                           ws="websockets", ws_max_size=settings.max_body_bytes + 1024, **kwargs)
 
 
+def _exit_cleanly(signum: int, frame: object) -> None:
+    # uvicorn re-raises the signal it caught once it has shut down; without a handler of ours
+    # that would kill the process before the embedded Redis is stopped.
+    raise SystemExit(0)
+
+
 def run(settings: Settings) -> None:
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     embedded = None
     if settings.redis_url is None:
         from service.embedded_redis import EmbeddedRedis
