@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from model_export.export import export_both
+from service.config import BUNDLED_MODEL
 from service.model import RecurrentModel
 from tests.models import SPECS, build
 
@@ -35,6 +36,9 @@ def loaded(exported: dict[str, Exported]) -> dict[str, RecurrentModel]:
     for name, e in exported.items():
         models[name] = RecurrentModel(e.sequence, name=name)
         models[f"{name}_step"] = RecurrentModel(e.step, name=f"{name}_step")
+    models["charlm"] = RecurrentModel(BUNDLED_MODEL, name="charlm")  # the bundled demo LM (sequence form)
     return models
+
+
 from tests.live_server import api_server  # noqa: E402, F401
 from tests.redis_fixture import redis_server, redis_url  # noqa: E402, F401
