@@ -33,16 +33,27 @@ from service.store import SessionStore
 RESULTS = Path(__file__).parent / "results"
 
 
-async def engine_run(model: RecurrentModel, store: SessionStore, sessions: int, requests: int, steps: int,
-                     **settings: Any) -> dict[str, Any]:
+async def engine_run(
+    model: RecurrentModel,
+    store: SessionStore,
+    sessions: int,
+    requests: int,
+    steps: int,
+    ragged: bool = False,
+    **settings: Any,
+) -> dict[str, Any]:
+    """``ragged``: each request has a random length in [1, steps] instead of exactly ``steps``."""
     service = SessionService(Settings(**settings), store, {"lm": model})
     await service.start()
     rng = np.random.default_rng(0)
     vocab = len(model.contract.vocab or ())
     ids = [(await service.create()).session_id for _ in range(sessions)]
-    payloads = [rng.integers(0, vocab, size=(requests, steps)) for _ in ids]
+    payloads = [
+        [rng.integers(0, vocab, size=int(rng.integers(1, steps + 1)) if ragged else steps) for _ in range(requests)]
+        for _ in ids
+    ]
 
-    async def drive(sid: str, tokens: np.ndarray) -> None:
+    async def drive(sid: str, tokens: list[np.ndarray]) -> None:
         step = 0
         for row in tokens:  # with `step`, as the client sends it: replay records are written too
             step = (await service.step(sid, {"tokens": row}, expected_step=step)).step
@@ -55,11 +66,19 @@ async def engine_run(model: RecurrentModel, store: SessionStore, sessions: int, 
     shapes = list(scheduler.call_shapes)
     batches = scheduler.batches
     await service.stop()
-    total = sessions * requests * steps
-    return {"steps_per_s": total / elapsed, "seconds": elapsed, "timesteps": total, "model_calls": len(shapes),
-            "batches": batches, "mean_rows": float(np.mean([b for b, _ in shapes])),
-            "redis_round_trips_per_batch": (store.round_trips - trips_before) / max(batches, 1),
-            "shapes": shapes}
+    total = sum(len(row) for rows in payloads for row in rows)
+    cells = sum(b * t for b, t in shapes)
+    return {
+        "steps_per_s": total / elapsed,
+        "padding": 1 - total / cells if cells else 0.0,
+        "seconds": elapsed,
+        "timesteps": total,
+        "model_calls": len(shapes),
+        "batches": batches,
+        "mean_rows": float(np.mean([b for b, _ in shapes])),
+        "redis_round_trips_per_batch": (store.round_trips - trips_before) / max(batches, 1),
+        "shapes": shapes,
+    }
 
 
 def raw_run(model: RecurrentModel, shapes: list[tuple[int, int]]) -> dict[str, Any]:
@@ -67,8 +86,10 @@ def raw_run(model: RecurrentModel, shapes: list[tuple[int, int]]) -> dict[str, A
     rng = np.random.default_rng(1)
     vocab = len(model.contract.vocab or ())
     name = model.contract.inputs[0].name
-    prepared = [({name: rng.integers(0, vocab, size=(b, t))}, np.ones((b, t), bool),
-                 model.contract.initial_states(b)) for b, t in shapes]
+    prepared = [
+        ({name: rng.integers(0, vocab, size=(b, t))}, np.ones((b, t), bool), model.contract.initial_states(b))
+        for b, t in shapes
+    ]
     started = time.perf_counter()
     for inputs, mask, states in prepared:
         model.run(inputs, mask, states)
@@ -80,11 +101,11 @@ async def measure(model: RecurrentModel, args: argparse.Namespace, steps: int) -
     with tempfile.TemporaryDirectory(prefix="carryover-bench-") as tmp:
         store = await SessionStore.connect(args.redis_url, data_dir=Path(tmp))
         try:
-            common = {"data_dir": Path(tmp), "max_wait_us": 2000}
-            batched = await engine_run(model, store, args.sessions, args.requests, steps,
-                                       max_batch_size=64, **common)
-            single = await engine_run(model, store, args.sessions, max(1, args.requests // 4), steps,
-                                      max_batch_size=1, **common)
+            common: dict[str, Any] = {"data_dir": Path(tmp), "max_wait_us": 2000}
+            batched = await engine_run(model, store, args.sessions, args.requests, steps, max_batch_size=64, **common)
+            single = await engine_run(
+                model, store, args.sessions, max(1, args.requests // 4), steps, max_batch_size=1, **common
+            )
         finally:
             await store.close()
     raw = raw_run(model, batched["shapes"])
@@ -101,13 +122,46 @@ async def measure(model: RecurrentModel, args: argparse.Namespace, steps: int) -
     }
 
 
+async def measure_bucketing(model: RecurrentModel, args: argparse.Namespace, longest: int) -> dict[str, Any]:
+    """Ragged request lengths (1..longest): length buckets on (default) vs one call per batch."""
+    out: dict[str, Any] = {"request_steps": f"1..{longest}"}
+    with tempfile.TemporaryDirectory(prefix="carryover-bench-") as tmp:
+        store = await SessionStore.connect(args.redis_url, data_dir=Path(tmp))
+        try:
+            for label, overhead in (("buckets", Settings().bucket_overhead_tokens), ("one_call", 10**9)):
+                run = await engine_run(
+                    model,
+                    store,
+                    args.sessions,
+                    args.requests,
+                    longest,
+                    ragged=True,
+                    data_dir=Path(tmp),
+                    bucket_overhead_tokens=overhead,
+                )
+                out[label] = {
+                    "steps_per_s": round(run["steps_per_s"]),
+                    "padding": round(run["padding"], 3),
+                    "model_calls": run["model_calls"],
+                }
+        finally:
+            await store.close()
+    return out
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     model = RecurrentModel(args.model, name="lm", intra_op_threads=args.threads)
     runs = [await measure(model, args, steps) for steps in args.steps]
-    return {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {model.provider}, "
-                       f"{args.threads or 'default'} ORT intra-op thread(s)",
-            "model": f"bundled char LM ({Path(args.model).name})", "sessions": args.sessions,
-            "requests_per_session": args.requests, "runs": runs}
+    bucketing = await measure_bucketing(model, args, args.ragged)
+    return {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {model.provider}, "
+        f"{args.threads or 'default'} ORT intra-op thread(s)",
+        "model": f"bundled char LM ({Path(args.model).name})",
+        "sessions": args.sessions,
+        "requests_per_session": args.requests,
+        "runs": runs,
+        "bucketing": bucketing,
+    }
 
 
 def write(result: dict[str, Any]) -> None:
@@ -122,11 +176,25 @@ def write(result: dict[str, Any]) -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
-        lines.append(f"| {r['steps_per_request']} | {r['batched_steps_per_s']:,} | {r['unbatched_steps_per_s']:,} "
-                     f"| {r['raw_ort_steps_per_s']:,} | **{r['batching_speedup']}×** | **{r['engine_vs_raw']:.0%}** "
-                     f"| {r['redis_round_trips_per_batch']} |")
+        lines.append(
+            f"| {r['steps_per_request']} | {r['batched_steps_per_s']:,} | {r['unbatched_steps_per_s']:,} "
+            f"| {r['raw_ort_steps_per_s']:,} | **{r['batching_speedup']}×** | **{r['engine_vs_raw']:.0%}** "
+            f"| {r['redis_round_trips_per_batch']} |"
+        )
     lines.append("")
     lines.append("Timesteps per second. Goals: batching ≥ 8× off, engine ≥ 70 % of raw ORT.")
+    b = result["bucketing"]
+    lines += [
+        "",
+        f"Length bucketing, request lengths uniform in {b['request_steps']}:",
+        "",
+        "| batches run as | timesteps/s | padded share of cells | model calls |",
+        "|---|---|---|---|",
+        f"| length buckets (default) | {b['buckets']['steps_per_s']:,} | {b['buckets']['padding']:.0%} "
+        f"| {b['buckets']['model_calls']} |",
+        f"| one call per batch | {b['one_call']['steps_per_s']:,} | {b['one_call']['padding']:.0%} "
+        f"| {b['one_call']['model_calls']} |",
+    ]
     (RESULTS / "engine.md").write_text("\n".join(lines) + "\n")
 
 
@@ -135,6 +203,7 @@ def main() -> None:
     p.add_argument("--sessions", type=int, default=256)
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--steps", type=int, nargs="+", default=[8, 32, 128], help="steps per request (one run each)")
+    p.add_argument("--ragged", type=int, default=128, help="longest request in the bucketing run")
     p.add_argument("--threads", type=int, default=1, help="ORT intra-op threads, for the engine and the ceiling")
     p.add_argument("--model", default=str(BUNDLED_MODEL))
     p.add_argument("--redis-url", default=None, help="default: an embedded redis-server in a temp dir")

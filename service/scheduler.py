@@ -203,7 +203,7 @@ class Scheduler:
                 for _, r in rows:
                     self._in_flight.add(r.session_id)
                 return [r for _, r in rows]
-            if self._stopping and not self._queue and not self._tasks:
+            if self._stopping and not self._queue and all(t.done() for t in self._tasks):
                 return None
             await self._changed.wait()
 
