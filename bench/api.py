@@ -151,6 +151,9 @@ def main() -> None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
     write(result)
+    from bench.plots import main as plot
+
+    plot()
     print(json.dumps(result, indent=2))
 
 

@@ -209,6 +209,9 @@ def main() -> None:
     p.add_argument("--redis-url", default=None, help="default: an embedded redis-server in a temp dir")
     result = asyncio.run(main_async(p.parse_args()))
     write(result)
+    from bench.plots import main as plot
+
+    plot()
     print(json.dumps(result, indent=2))
 
 
