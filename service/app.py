@@ -38,7 +38,8 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, Recurre
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         served = dict(models) if models is not None else load_models(settings)
         store = await SessionStore.connect(settings.redis_url, data_dir=settings.data_dir,
-                                           socket_timeout_s=settings.redis_timeout_s)
+                                           socket_timeout_s=settings.redis_timeout_s,
+                                           max_connections=settings.redis_max_connections)
         sessions = SessionService(settings, store, served, metrics)
         await sessions.start()
         app.state.store, app.state.sessions = store, sessions

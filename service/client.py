@@ -81,6 +81,59 @@ def _retry_delay(response: httpx.Response | None, attempt: int, backoff: float) 
     return float(min(backoff * 2**attempt, 5.0))
 
 
+class _ChunkWindow:
+    """The pipelining of ``stream()``, shared by the sync and async sessions: at most
+    ``in_flight`` chunks unanswered; each chunk carries the ``step`` the session will be at when
+    it applies, so a chunk is never applied twice."""
+
+    def __init__(self, chunks: Iterable[Mapping[str, Any]], in_flight: int, hello: str | bytes) -> None:
+        self.chunks = iter(chunks)
+        self.in_flight = in_flight
+        self.expected = int(_expect_session_message(hello)["step"])
+        self.pending = 0
+        self.exhausted = False
+
+    def to_send(self) -> str | None:
+        """The next chunk to send now, or None (window full or no chunks left)."""
+        if self.exhausted or self.pending >= self.in_flight:
+            return None
+        chunk = next(self.chunks, None)
+        if chunk is None:
+            self.exhausted = True
+            return None
+        body = _body(chunk, self.expected).decode()
+        self.expected += _steps(chunk)
+        self.pending += 1
+        return body
+
+    @property
+    def done(self) -> bool:
+        return self.exhausted and self.pending == 0
+
+    def received(self, raw: str | bytes) -> StepResult:
+        self.pending -= 1
+        return _ws_reply(raw)
+
+
+def _create_body(model: str | None, session_id: str | None, ttl_s: int | None, fork_from: str | None
+                 ) -> dict[str, Any]:
+    body = {"model": model, "session_id": session_id, "ttl_s": ttl_s, "fork_from": fork_from}
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def _checked(response: httpx.Response | None, error: httpx.TransportError | None, final: bool
+             ) -> httpx.Response | None:
+    """The response if it is a success; None to retry; raises when it is final or not retryable."""
+    if response is not None:
+        if response.status_code < 400:
+            return response
+        if response.status_code not in RETRYABLE_STATUS or final:
+            raise CarryoverClientError.from_response(response)
+    elif final:
+        raise CarryoverClientError(0, "transport", str(error)) from error
+    return None
+
+
 def _ws_url(base_url: str, path: str) -> str:
     return base_url.replace("http://", "ws://", 1).replace("https://", "wss://", 1).rstrip("/") + path
 
@@ -104,25 +157,14 @@ class Session:
         """Send chunks over a WebSocket, up to ``in_flight`` pipelined; yields replies in order."""
         from websockets.sync.client import connect
 
-        pending = 0
-        with connect(_ws_url(self.client.base_url, f"/v1/sessions/{self.id}/stream"),
-                     max_size=None) as ws:
-            expected = int(_expect_session_message(ws.recv())["step"])
-            iterator = iter(chunks)
-            exhausted = False
+        with connect(_ws_url(self.client.base_url, f"/v1/sessions/{self.id}/stream"), max_size=None) as ws:
+            window = _ChunkWindow(chunks, in_flight, ws.recv())
             while True:
-                while not exhausted and pending < in_flight:
-                    chunk = next(iterator, None)
-                    if chunk is None:
-                        exhausted = True
-                        break
-                    ws.send(_body(chunk, expected).decode())  # `step` per chunk: exactly once
-                    expected += _steps(chunk)
-                    pending += 1
-                if pending == 0:
+                while (body := window.to_send()) is not None:
+                    ws.send(body)
+                if window.done:
                     return
-                reply = _ws_reply(ws.recv())
-                pending -= 1
+                reply = window.received(ws.recv())
                 self.step_count = reply.step
                 yield reply
 
@@ -185,8 +227,7 @@ class Client:
 
     def create(self, model: str | None = None, *, session_id: str | None = None, ttl_s: int | None = None,
                fork_from: str | None = None) -> Session:
-        body = {k: v for k, v in {"model": model, "session_id": session_id, "ttl_s": ttl_s,
-                                  "fork_from": fork_from}.items() if v is not None}
+        body = _create_body(model, session_id, ttl_s, fork_from)
         return Session(self, self._json("POST", "/v1/sessions", json=body))
 
     def session(self, session_id: str) -> Session:
@@ -203,17 +244,13 @@ class Client:
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         for attempt in range(self.retries + 1):
-            response: httpx.Response | None = None
+            response, error = None, None
             try:
                 response = self.http.request(method, path, **kwargs)
             except httpx.TransportError as e:
-                if attempt == self.retries:
-                    raise CarryoverClientError(0, "transport", str(e)) from e
-            else:
-                if response.status_code < 400:
-                    return response
-                if response.status_code not in RETRYABLE_STATUS or attempt == self.retries:
-                    raise CarryoverClientError.from_response(response)
+                error = e
+            if (ok := _checked(response, error, final=attempt == self.retries)) is not None:
+                return ok
             time.sleep(_retry_delay(response, attempt, self.backoff))
         raise AssertionError("unreachable")
 
@@ -234,23 +271,13 @@ class AsyncSession:
         from websockets.asyncio.client import connect
 
         async with connect(_ws_url(self.client.base_url, f"/v1/sessions/{self.id}/stream"), max_size=None) as ws:
-            expected = int(_expect_session_message(await ws.recv())["step"])
-            pending = 0
-            iterator = iter(chunks)
-            exhausted = False
+            window = _ChunkWindow(chunks, in_flight, await ws.recv())
             while True:
-                while not exhausted and pending < in_flight:
-                    chunk = next(iterator, None)
-                    if chunk is None:
-                        exhausted = True
-                        break
-                    await ws.send(_body(chunk, expected).decode())  # `step` per chunk: exactly once
-                    expected += _steps(chunk)
-                    pending += 1
-                if pending == 0:
+                while (body := window.to_send()) is not None:
+                    await ws.send(body)
+                if window.done:
                     return
-                reply = _ws_reply(await ws.recv())
-                pending -= 1
+                reply = window.received(await ws.recv())
                 self.step_count = reply.step
                 yield reply
 
@@ -286,8 +313,7 @@ class AsyncClient:
 
     async def create(self, model: str | None = None, *, session_id: str | None = None, ttl_s: int | None = None,
                      fork_from: str | None = None) -> AsyncSession:
-        body = {k: v for k, v in {"model": model, "session_id": session_id, "ttl_s": ttl_s,
-                                  "fork_from": fork_from}.items() if v is not None}
+        body = _create_body(model, session_id, ttl_s, fork_from)
         return AsyncSession(self, (await self._request("POST", "/v1/sessions", json=body)).json())
 
     async def session(self, session_id: str) -> AsyncSession:
@@ -300,16 +326,12 @@ class AsyncClient:
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         for attempt in range(self.retries + 1):
-            response: httpx.Response | None = None
+            response, error = None, None
             try:
                 response = await self.http.request(method, path, **kwargs)
             except httpx.TransportError as e:
-                if attempt == self.retries:
-                    raise CarryoverClientError(0, "transport", str(e)) from e
-            else:
-                if response.status_code < 400:
-                    return response
-                if response.status_code not in RETRYABLE_STATUS or attempt == self.retries:
-                    raise CarryoverClientError.from_response(response)
+                error = e
+            if (ok := _checked(response, error, final=attempt == self.retries)) is not None:
+                return ok
             await asyncio.sleep(_retry_delay(response, attempt, self.backoff))
         raise AssertionError("unreachable")

@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, description="redis://, rediss:// or unix:// URL; unset = embedded Redis")
     data_dir: Path = Field(Path("data"), description="where the embedded Redis keeps its AOF")
     redis_timeout_s: float = Field(2.0, gt=0, description="socket timeout of Redis calls")
+    redis_max_connections: int = Field(64, ge=1, description="Redis connections per process; more callers wait")
     session_ttl_s: int = Field(86_400, ge=1, description="default session TTL, refreshed on every access")
     max_sessions: int = Field(1_000_000, ge=1, description="creating more sessions answers 429")
 

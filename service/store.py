@@ -260,10 +260,13 @@ class SessionStore:
         self.round_trips = 0  # one per pipeline execution or single command sent
 
     @classmethod
-    async def connect(cls, url: str | None, *, data_dir: Path, socket_timeout_s: float = 2.0) -> SessionStore:
+    async def connect(cls, url: str | None, *, data_dir: Path, socket_timeout_s: float = 2.0,
+                      max_connections: int = 64) -> SessionStore:
         """Connect to ``url``, or with ``url=None`` start an embedded Redis under ``data_dir``.
 
         Pings and loads the scripts; raises ``StoreUnavailable`` if Redis does not answer.
+        At most ``max_connections`` connections: more concurrent callers wait for a free one
+        (up to the socket timeout) instead of failing, so a burst of requests queues.
         """
         embedded = None
         if url is None:
@@ -274,8 +277,10 @@ class SessionStore:
             raise ValueError(f"Redis URL {url!r} must start with one of {', '.join(SCHEMES)}")
         store: SessionStore | None = None
         try:
-            client = aioredis.Redis.from_url(
+            pool = aioredis.BlockingConnectionPool.from_url(
                 url,
+                max_connections=max_connections,
+                timeout=socket_timeout_s,  # waiting for a free connection
                 decode_responses=False,  # states are bytes
                 socket_timeout=socket_timeout_s,
                 socket_connect_timeout=socket_timeout_s,
@@ -284,6 +289,7 @@ class SessionStore:
                 retry=Retry(ExponentialBackoff(cap=0.25, base=0.025), retries=2),
                 retry_on_error=list(_RETRY_ON),
             )
+            client = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
             store = cls(client, embedded=embedded)
             await store.ping()
             await store._load_scripts()

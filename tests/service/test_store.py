@@ -436,3 +436,13 @@ async def test_embedded_redis_refuses_a_newer_aof_with_an_old_binary(tmp_path: P
     monkeypatch.setattr(er, "server_version", lambda exe: (6, 2, 14))
     with pytest.raises(EmbeddedRedisError, match=r"older than 7\.0"):
         EmbeddedRedis(tmp_path).start()
+
+
+async def test_callers_beyond_the_connection_limit_wait_instead_of_failing(redis_url: str, tmp_path: Path) -> None:
+    s = await SessionStore.connect(redis_url, data_dir=tmp_path, max_connections=3)
+    try:
+        assert await s.create(record("busy"))
+        results = await asyncio.gather(*(s.load(["busy"]) for _ in range(60)))
+        assert all(r[0] is not None and r[0].session_id == "busy" for r in results)
+    finally:
+        await s.close()

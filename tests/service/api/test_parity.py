@@ -18,7 +18,9 @@ from tests.service.api.test_ws import stream_session
 
 async def http_session(client: httpx.AsyncClient, model: RecurrentModel, served: str, seed: int) -> None:
     rng = np.random.default_rng(seed)
-    sid = (await client.post("/v1/sessions", json={"model": served})).json()["session_id"]
+    created = await client.post("/v1/sessions", json={"model": served})
+    assert created.status_code == 201, created.text
+    sid = created.json()["session_id"]
     chunks = [random_inputs(model.contract, int(n), rng) for n in rng.integers(1, 12, size=rng.integers(1, 6))]
     outs, done = [], 0
     for chunk in chunks:
