@@ -97,7 +97,7 @@ def _find_app(app: Any) -> FastAPI | None:
 
 def uvicorn_config(app: Any, settings: Settings, **kwargs: Any) -> uvicorn.Config:
     return uvicorn.Config(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-                          ws="websockets", ws_max_size=settings.max_body_bytes + 1024, **kwargs)
+                          ws="websockets-sansio", ws_max_size=settings.max_body_bytes + 1024, **kwargs)
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
