@@ -40,7 +40,7 @@ from service.errors import (
     Unavailable,
 )
 from service.metrics import Metrics
-from service.model import RecurrentModel
+from service.model import BatchResult, RecurrentModel
 from service.store import SessionRecord, SessionStore, StoreUnavailable, WriteOutcome
 from service.tensors import pack_arrays, states_from_bytes, states_to_bytes, unpack_arrays
 
@@ -310,7 +310,7 @@ class Scheduler:
                     r.states = {k: v[i] for k, v in result.states.items()}
                     r.next_chunk += 1
 
-    def _run_group(self, rows: list[StepRequest]):  # type: ignore[no-untyped-def]
+    def _run_group(self, rows: list[StepRequest]) -> BatchResult:
         """Pad the rows' current chunks to one ``[B, T]`` batch and run it (device thread)."""
         contract = self.model.contract
         width = max(r.chunk_steps for r in rows)
