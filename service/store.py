@@ -18,6 +18,29 @@ written and others not. That is fine because each session's write is independent
 atomic script, so no record is ever half-written; callers learn the outcome per session, and a
 batch that failed with ``StoreUnavailable`` is failed as a whole to its requests (their clients
 retry; idempotent replay covers the ones that did apply).
+
+Redis Cluster (DESIGN §2: "Redis Cluster URLs work") is recognised, not configured: ``connect``
+asks the URL's node ``INFO cluster`` (where ``INFO`` is refused, e.g. by an ACL: whether it
+answers ``CLUSTER INFO``, which a single Redis refuses), and on ``cluster_enabled:1`` switches to
+redis-py's ``RedisCluster``, started from that node (it discovers the others). So the
+``redis://`` or ``rediss://`` URL of any cluster node works, with no special scheme; a
+``unix://`` URL of a cluster node is refused (cluster clients reach the nodes over TCP), and so
+is a database other than 0. Nothing else changes: every key is one slot (the hash tag) and every
+script touches only ``KEYS[1]``.
+
+* ``load`` / ``save`` stay one pipeline each: redis-py splits it by node and sends the parts to
+  their nodes in parallel, so a batch costs one round trip per node involved, concurrently, and
+  ``round_trips`` counts it as one.
+* The script cache is per node and not replicated: the scripts are loaded on every primary (one
+  ``SCRIPT LOAD`` per script, sent to all primaries at once), at connect and again after a
+  ``NOSCRIPT`` from any node (a restarted, failed-over or newly added primary has none).
+* ``count`` SCANs every primary; ``ping`` pings every primary.
+* redis-py's cluster pools fail at once (``MaxConnectionsError``) when all of a node's
+  ``max_connections`` are busy; so the store admits at most ``max_connections`` operations at a
+  time (each uses at most one connection per node) and the rest wait, up to the socket timeout,
+  as the single-node ``BlockingConnectionPool`` does.
+* Cluster trouble (``CLUSTERDOWN``, ``TRYAGAIN``, endless ``MOVED``/``ASK``, an unreachable node,
+  uncovered slots) is ``StoreUnavailable`` like any outage, after redis-py's own retries.
 """
 
 from __future__ import annotations
@@ -35,14 +58,18 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import (
+    AskError,
     BusyLoadingError,
     ClusterDownError,
+    ClusterError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
+    RedisClusterException,
     ResponseError,
     TryAgainError,
 )
@@ -56,6 +83,7 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = "carryover:{"
 KEY_SUFFIX = "}:s"
 SCHEMES = ("redis://", "rediss://", "unix://")
+_PATTERN = f"{KEY_PREFIX}*{KEY_SUFFIX}"  # SCAN MATCH for every session key
 
 
 def session_key(session_id: str) -> str:
@@ -172,7 +200,14 @@ _Call = tuple[_Script, str, Sequence[bytes | str | int]]
 # a restart, a failover. Writes are safe to re-send thanks to the write token.
 _RETRY_ON: list[type[Exception]] = [RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError]
 # Replies that mean "this Redis cannot serve us right now" rather than "you sent a bad command".
-_UNAVAILABLE_REPLIES = (ReadOnlyError, ClusterDownError, TryAgainError, OutOfMemoryError)
+# In a cluster pipeline a node's failure also comes back as a reply (the other nodes' parts of the
+# batch still ran): a connection error or timeout, ``MOVED``/``ASK`` left over after redis-py's
+# redirections (``AskError`` covers ``MovedError``), ``ClusterError`` ("TTL exhausted"), or a
+# ``RedisClusterException`` (e.g. a slot no node covers).
+_UNAVAILABLE_REPLIES = (
+    *(ReadOnlyError, ClusterDownError, TryAgainError, OutOfMemoryError),
+    *(AskError, ClusterError, RedisClusterException, RedisConnectionError, RedisTimeoutError, OSError),
+)
 
 
 def _unavailable(e: BaseException) -> StoreUnavailable:
@@ -191,6 +226,8 @@ async def _translate() -> AsyncIterator[None]:
     try:
         yield
     except (RedisConnectionError, RedisTimeoutError, OSError) as e:  # OSError covers asyncio timeouts
+        raise _unavailable(e) from e
+    except (ClusterError, RedisClusterException) as e:  # cluster down, TTL exhausted, slots not covered
         raise _unavailable(e) from e
     except ResponseError as e:
         if _is_unavailable_reply(e):
@@ -252,21 +289,30 @@ def _check(record: SessionRecord) -> None:
 
 
 class SessionStore:
-    """Async session store over one Redis (external URL or embedded). Safe for concurrent use."""
+    """Async session store over one Redis or a Redis Cluster (external URL or embedded). Safe for concurrent use."""
 
-    def __init__(self, client: aioredis.Redis, *, embedded: EmbeddedRedis | None = None) -> None:
-        self._redis = client
+    def __init__(self, client: aioredis.Redis | RedisCluster, *, embedded: EmbeddedRedis | None = None) -> None:
+        self._redis: aioredis.Redis | RedisCluster = client
         self.embedded = embedded  # the embedded server this store owns and stops on close()
         self.round_trips = 0  # one per pipeline execution or single command sent
+        # Cluster mode: admits at most max_connections operations at a time (see the module docstring).
+        self._admit: asyncio.Semaphore | None = None
+        self._admit_wait_s = 0.0
+
+    @property
+    def cluster(self) -> bool:
+        """Whether ``connect`` found a Redis Cluster behind the URL."""
+        return isinstance(self._redis, RedisCluster)
 
     @classmethod
     async def connect(cls, url: str | None, *, data_dir: Path, socket_timeout_s: float = 2.0,
                       max_connections: int = 64) -> SessionStore:
         """Connect to ``url``, or with ``url=None`` start an embedded Redis under ``data_dir``.
 
-        Pings and loads the scripts; raises ``StoreUnavailable`` if Redis does not answer.
-        At most ``max_connections`` connections: more concurrent callers wait for a free one
-        (up to the socket timeout) instead of failing, so a burst of requests queues.
+        Pings, recognises a Redis Cluster (see the module docstring) and loads the scripts; raises
+        ``StoreUnavailable`` if Redis does not answer. At most ``max_connections`` connections (per
+        node, in a cluster): more concurrent callers wait for a free one (up to the socket timeout)
+        instead of failing, so a burst of requests queues.
         """
         embedded = None
         if url is None:
@@ -291,7 +337,12 @@ class SessionStore:
             )
             client = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
             store = cls(client, embedded=embedded)
-            await store.ping()
+            try:
+                await store.ping()
+            except ResponseError as e:  # not an outage: e.g. a database the server lacks (a cluster has only 0)
+                raise ValueError(f"Redis at {url!r} refused the connection: {e}") from None
+            if embedded is None and await store._is_cluster_node():
+                await store._switch_to_cluster(url, socket_timeout_s=socket_timeout_s, max_connections=max_connections)
             await store._load_scripts()
         except BaseException:
             if store is not None:
@@ -310,9 +361,13 @@ class SessionStore:
                 await asyncio.to_thread(self.embedded.stop)
 
     async def ping(self) -> None:
+        """PING the Redis, or every primary of a cluster."""
         self.round_trips += 1
-        async with _translate():
-            await self._redis.ping()
+        async with self._op():
+            if isinstance(self._redis, RedisCluster):
+                await self._redis.ping(target_nodes=RedisCluster.PRIMARIES)
+            else:
+                await self._redis.ping()
 
     async def create(self, record: SessionRecord) -> bool:
         """Create iff the key does not exist (False if it does). ``revision`` is stored as given."""
@@ -351,33 +406,129 @@ class SessionStore:
 
     async def delete(self, session_id: str) -> bool:
         self.round_trips += 1
-        async with _translate():
+        async with self._op():
             return bool(await self._redis.delete(session_key(session_id)))
 
     async def count(self) -> int:
-        """Number of session keys, by SCAN (O(all keys), one round trip per 1000 keys scanned)."""
+        """Number of session keys, by SCAN (O(all keys), one round trip per 1000 keys scanned); in a
+        cluster, SCAN of every primary, the primaries in parallel."""
+        if isinstance(self._redis, RedisCluster):
+            cluster = self._redis
+            async with self._op():
+                await cluster.initialize()  # a no-op, unless a failure made redis-py drop the topology
+                counts = await asyncio.gather(*(self._count_on(cluster, node) for node in cluster.get_primaries()))
+            return sum(counts)
         seen: set[bytes | str] = set()  # SCAN may return a key twice while the keyspace resizes
         cursor = 0
         while True:
             self.round_trips += 1
-            async with _translate():
-                cursor, keys = await self._redis.scan(cursor, match=f"{KEY_PREFIX}*{KEY_SUFFIX}", count=1000)
+            async with self._op():
+                cursor, keys = await self._redis.scan(cursor, match=_PATTERN, count=1000)
             seen.update(keys)
             if cursor == 0:
                 return len(seen)
 
     # -- internals ------------------------------------------------------------------------------
 
-    async def _load_scripts(self) -> None:
+    @contextlib.asynccontextmanager
+    async def _op(self) -> AsyncIterator[None]:
+        """One operation against Redis: admitted (cluster mode only), its errors translated."""
+        if self._admit is None:
+            async with _translate():
+                yield
+            return
+        try:
+            async with asyncio.timeout(self._admit_wait_s):
+                await self._admit.acquire()
+        except TimeoutError:
+            raise StoreUnavailable(f"no free Redis connection within {self._admit_wait_s:g} s") from None
+        try:
+            async with _translate():
+                yield
+        finally:
+            self._admit.release()
+
+    async def _is_cluster_node(self) -> bool:
+        """``INFO cluster`` says ``cluster_enabled:1``; where INFO is refused (renamed, ACL), whether
+        ``CLUSTER INFO`` answers (a single Redis refuses it: cluster support disabled)."""
         self.round_trips += 1
-        async with _translate():
-            pipe = self._redis.pipeline(transaction=False)
+        try:
+            async with self._op():
+                info = await self._redis.info("cluster")
+            return str(info.get("cluster_enabled", "0")) == "1"
+        except ResponseError as e:
+            log.debug("INFO cluster refused (%s); asking CLUSTER INFO", e)
+        self.round_trips += 1
+        try:
+            async with self._op():
+                await self._redis.execute_command("CLUSTER INFO")
+            return True
+        except ResponseError:
+            return False
+
+    async def _switch_to_cluster(self, url: str, *, socket_timeout_s: float, max_connections: int) -> None:
+        """Replace the single-node client by a ``RedisCluster`` started from the URL's node."""
+        if url.startswith("unix://"):
+            raise ValueError(
+                f"Redis URL {url!r} is a Redis Cluster node: give its redis:// or rediss:// URL "
+                "(a cluster client reaches the nodes over TCP)"
+            )
+        try:
+            cluster = RedisCluster.from_url(
+                url,
+                max_connections=max_connections,  # per node; _op admits that many operations at a time
+                decode_responses=False,
+                socket_timeout=socket_timeout_s,
+                socket_connect_timeout=socket_timeout_s,
+                # How many times redis-py re-discovers the topology and retries after a connection
+                # error, a timeout or CLUSTERDOWN (MOVED/ASK/TRYAGAIN have their own redirections).
+                retry=Retry(ExponentialBackoff(cap=0.25, base=0.025), retries=2),
+            )
+        except RedisClusterException as e:  # e.g. a database other than 0 in the URL
+            raise ValueError(f"Redis URL {url!r} is a Redis Cluster node, but: {e}") from None
+        single, self._redis = self._redis, cluster
+        self._admit = asyncio.Semaphore(max_connections)
+        self._admit_wait_s = socket_timeout_s
+        await single.aclose()
+        self.round_trips += 1
+        async with self._op():
+            await cluster.initialize()  # CLUSTER SLOTS: the nodes and which slots each one serves
+
+    async def _count_on(self, cluster: RedisCluster, node: ClusterNode) -> int:
+        seen: set[bytes | str] = set()
+        cursor = 0
+        while True:
+            self.round_trips += 1
+            reply: Any = await cluster.scan(cursor, match=_PATTERN, count=1000, target_nodes=node)
+            cursors, keys = reply  # redis-py merges per-node SCAN replies: ({node name: cursor}, keys)
+            cursor = int(cursors[node.name] if isinstance(cursors, dict) else cursors)
+            seen.update(keys)
+            if cursor == 0:
+                return len(seen)
+
+    async def _load_scripts(self) -> None:
+        if isinstance(self._redis, RedisCluster):
+            # The script cache is per node: SCRIPT LOAD goes to every primary (in parallel), one script
+            # at a time so that an operation never holds more than one connection per node.
+            cluster = self._redis
+            shas = []
             for script in _SCRIPTS.values():
-                pipe.script_load(script.source)
-            shas = await pipe.execute()
-        for script, sha in zip(_SCRIPTS.values(), shas, strict=True):
-            if (sha.decode() if isinstance(sha, bytes) else sha) != script.sha:
-                raise RuntimeError(f"Redis hashed script {script.name!r} to {sha!r}, not {script.sha}")
+                self.round_trips += 1
+                async with self._op():
+                    load = cluster.execute_command("SCRIPT LOAD", script.source, target_nodes=RedisCluster.PRIMARIES)
+                    shas.append(await load)
+        else:
+            self.round_trips += 1
+            async with self._op():
+                pipe = self._redis.pipeline(transaction=False)
+                for script in _SCRIPTS.values():
+                    pipe.script_load(script.source)
+                shas = await pipe.execute()
+        for script, reply in zip(_SCRIPTS.values(), shas, strict=True):
+            # A cluster's reply is one SHA, or per node ({node name: sha}) in some redis-py versions.
+            for sha in reply.values() if isinstance(reply, dict) else (reply,):
+                if (sha.decode() if isinstance(sha, bytes) else sha) != script.sha:
+                    raise RuntimeError(f"Redis hashed script {script.name!r} to {sha!r}, not {script.sha}")
 
     async def _run(self, calls: Sequence[_Call]) -> list[Any]:
         """EVALSHA every call in one pipeline; after NOSCRIPT, load the scripts and re-send only the
@@ -389,12 +540,16 @@ class SessionStore:
                 break
             if attempt:
                 await self._load_scripts()
+            # One round trip; in a cluster, one per node involved, sent in parallel (redis-py groups
+            # the pipeline's commands by the node that serves each key's slot).
             self.round_trips += 1
-            async with _translate():
+            async with self._op():
                 pipe = self._redis.pipeline(transaction=False)
                 for i in pending:
                     script, key, args = calls[i]
-                    pipe.evalsha(script.sha, 1, key, *args)
+                    # execute_command, not pipe.evalsha: redis-py's cluster pipeline blocks the evalsha
+                    # method (redis-py #2914) but routes a queued EVALSHA by its key like any command.
+                    pipe.execute_command("EVALSHA", script.sha, 1, key, *args)
                 results = await pipe.execute(raise_on_error=False)
             refused = []
             for i, r in zip(pending, results, strict=True):

@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -35,10 +35,13 @@ def free_port() -> int:
 class RedisServer:
     """``start()``, ``stop(kill=...)``, ``restart()`` on the same port, ``pause()``/``resume()``."""
 
-    def __init__(self, directory: Path, *, port: int | None = None, appendonly: bool = False) -> None:
+    def __init__(
+        self, directory: Path, *, port: int | None = None, appendonly: bool = False, extra_args: Sequence[str] = ()
+    ) -> None:
         self.directory = Path(directory)
         self.port = port or free_port()
         self.appendonly = appendonly  # with fsync on every write, so data survives kill -9
+        self.extra_args = list(extra_args)  # more redis-server options (e.g. cluster mode)
         self.executable = find_redis_server()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -54,7 +57,7 @@ class RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         args = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--daemonize", "no",
                 "--dir", str(self.directory), "--save", "", "--logfile", str(self.directory / "redis.log"),
-                "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always"]
+                "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always", *self.extra_args]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
         atexit.register(self.stop, kill=True)  # an interrupted run must not leave servers behind
