@@ -123,24 +123,25 @@ async def ws_load(url: str, clients: int, seconds: float, steps: int) -> dict[st
     return summary(latencies, time.monotonic() - started)
 
 
-def write(result: dict[str, Any]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "api.json").write_text(json.dumps(result, indent=2) + "\n")
+def write(result: dict[str, Any], results: Path = RESULTS) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "api.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = "\n".join(f"| {name} | {r['requests_per_s']:,} | {r['requests_per_s'] * result['steps']:,.0f} "
                      f"| {r['p50_ms']} | {r['p99_ms']} |" for name, r in (("HTTP", result["http"]),
                                                                           ("WebSocket", result["ws"])))
-    (RESULTS / "api.md").write_text(
+    (results / "api.md").write_text(
         f"{result['clients']} concurrent clients, {result['steps']} tokens per request, bundled char LM, embedded "
         f"Redis; load generator on the same {os.cpu_count()}-CPU machine.\n\n"
         "| transport | requests/s | timesteps/s | p50 ms | p99 ms |\n|---|---|---|---|---|\n" + rows + "\n")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=RESULTS, help="where the JSON, table and plot go")
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--steps", type=int, default=4)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="carryover-bench-") as tmp:
         proc, url = start_server(tmp)
         try:
@@ -150,10 +151,10 @@ def main() -> None:
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
-    write(result)
-    from bench.plots import main as plot
+    write(result, args.results)
+    from bench.plots import plot_all
 
-    plot()
+    plot_all(args.results)
     print(json.dumps(result, indent=2))
 
 

@@ -164,9 +164,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def write(result: dict[str, Any]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "engine.json").write_text(json.dumps(result, indent=2) + "\n")
+def write(result: dict[str, Any], results: Path = RESULTS) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "engine.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"{result['sessions']} sessions × {result['requests_per_session']} requests, {result['model']}; "
         f"{result['machine']}.",
@@ -195,11 +195,12 @@ def write(result: dict[str, Any]) -> None:
         f"| one call per batch | {b['one_call']['steps_per_s']:,} | {b['one_call']['padding']:.0%} "
         f"| {b['one_call']['model_calls']} |",
     ]
-    (RESULTS / "engine.md").write_text("\n".join(lines) + "\n")
+    (results / "engine.md").write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=RESULTS, help="where the JSON, table and plot go")
     p.add_argument("--sessions", type=int, default=256)
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--steps", type=int, nargs="+", default=[8, 32, 128], help="steps per request (one run each)")
@@ -207,11 +208,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="ORT intra-op threads, for the engine and the ceiling")
     p.add_argument("--model", default=str(BUNDLED_MODEL))
     p.add_argument("--redis-url", default=None, help="default: an embedded redis-server in a temp dir")
-    result = asyncio.run(main_async(p.parse_args()))
-    write(result)
-    from bench.plots import main as plot
+    args = p.parse_args(argv)
+    result = asyncio.run(main_async(args))
+    write(result, args.results)
+    from bench.plots import plot_all
 
-    plot()
+    plot_all(args.results)
     print(json.dumps(result, indent=2))
 
 

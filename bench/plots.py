@@ -60,12 +60,16 @@ def api_plot(result: dict[str, Any], target: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def plot_all(results: Path = RESULTS) -> None:
     for name, plot in (("engine", engine_plot), ("api", api_plot)):
-        source = RESULTS / f"{name}.json"
+        source = results / f"{name}.json"
         if source.exists():
-            plot(json.loads(source.read_text()), RESULTS / f"{name}.png")
-            print(f"wrote {RESULTS / name}.png")
+            plot(json.loads(source.read_text()), results / f"{name}.png")
+            print(f"wrote {results / name}.png")
+
+
+def main() -> None:
+    plot_all()
 
 
 if __name__ == "__main__":
