@@ -18,6 +18,7 @@ run: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check service model_export tests bench
+	$(VENV)/bin/ruff format --check service model_export tests bench
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

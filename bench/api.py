@@ -41,8 +41,12 @@ def free_port() -> int:
 
 def start_server(data_dir: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", str(port), "--data-dir", data_dir],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "serve", "--port", str(port), "--data-dir", data_dir],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -57,8 +61,12 @@ def start_server(data_dir: str) -> tuple[subprocess.Popen[bytes], str]:
 
 def summary(latencies: list[float], seconds: float) -> dict[str, float]:
     lat = np.array(latencies) * 1000
-    return {"requests_per_s": round(len(lat) / seconds, 1), "p50_ms": round(float(np.percentile(lat, 50)), 2),
-            "p99_ms": round(float(np.percentile(lat, 99)), 2), "requests": len(lat)}
+    return {
+        "requests_per_s": round(len(lat) / seconds, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 2),
+        "p99_ms": round(float(np.percentile(lat, 99)), 2),
+        "requests": len(lat),
+    }
 
 
 async def http_load(url: str, clients: int, seconds: float, steps: int) -> dict[str, float]:
@@ -77,8 +85,10 @@ async def http_load(url: str, clients: int, seconds: float, steps: int) -> dict[
         step = 0
         while time.monotonic() < deadline:
             body = orjson.dumps({"inputs": {"tokens": rng.integers(0, 90, steps).tolist()}, "step": step})
-            head = (f"POST /v1/sessions/{sid}/step HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                    f"Content-Length: {len(body)}\r\n\r\n").encode()
+            head = (
+                f"POST /v1/sessions/{sid}/step HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            ).encode()
             started = time.perf_counter()
             writer.write(head + body)
             status, length = _parse_head(await reader.readuntil(b"\r\n\r\n"))
@@ -126,13 +136,16 @@ async def ws_load(url: str, clients: int, seconds: float, steps: int) -> dict[st
 def write(result: dict[str, Any], results: Path = RESULTS) -> None:
     results.mkdir(parents=True, exist_ok=True)
     (results / "api.json").write_text(json.dumps(result, indent=2) + "\n")
-    rows = "\n".join(f"| {name} | {r['requests_per_s']:,} | {r['requests_per_s'] * result['steps']:,.0f} "
-                     f"| {r['p50_ms']} | {r['p99_ms']} |" for name, r in (("HTTP", result["http"]),
-                                                                          ("WebSocket", result["ws"])))
+    rows = "\n".join(
+        f"| {name} | {r['requests_per_s']:,} | {r['requests_per_s'] * result['steps']:,.0f} "
+        f"| {r['p50_ms']} | {r['p99_ms']} |"
+        for name, r in (("HTTP", result["http"]), ("WebSocket", result["ws"]))
+    )
     (results / "api.md").write_text(
         f"{result['clients']} concurrent clients, {result['steps']} tokens per request, bundled char LM, embedded "
         f"Redis; load generator on the same {os.cpu_count()}-CPU machine.\n\n"
-        "| transport | requests/s | timesteps/s | p50 ms | p99 ms |\n|---|---|---|---|---|\n" + rows + "\n")
+        "| transport | requests/s | timesteps/s | p50 ms | p99 ms |\n|---|---|---|---|---|\n" + rows + "\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -145,9 +158,12 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="carryover-bench-") as tmp:
         proc, url = start_server(tmp)
         try:
-            result = {"clients": args.clients, "steps": args.steps,
-                      "http": asyncio.run(http_load(url, args.clients, args.seconds, args.steps)),
-                      "ws": asyncio.run(ws_load(url, args.clients, args.seconds, args.steps))}
+            result = {
+                "clients": args.clients,
+                "steps": args.steps,
+                "http": asyncio.run(http_load(url, args.clients, args.seconds, args.steps)),
+                "ws": asyncio.run(ws_load(url, args.clients, args.seconds, args.steps)),
+            }
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)

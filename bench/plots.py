@@ -1,6 +1,6 @@
 """Plots of the benchmark results (PNG files next to the JSON the benchmarks write).
 
-    python -m bench.plots        # after bench.engine and/or bench.api
+python -m bench.plots        # after bench.engine and/or bench.api
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ RESULTS = Path(__file__).parent / "results"
 def engine_plot(result: dict[str, Any], target: Path) -> None:
     runs = result["runs"]
     labels = [str(r["steps_per_request"]) for r in runs]
-    series = [("batching off (1 row)", "unbatched_steps_per_s", "#bbbbbb"),
-              ("batching on (64 rows)", "batched_steps_per_s", "#2f6db5"),
-              ("raw ONNX Runtime, same shapes", "raw_ort_steps_per_s", "#9fc5e8")]
+    series = [
+        ("batching off (1 row)", "unbatched_steps_per_s", "#bbbbbb"),
+        ("batching on (64 rows)", "batched_steps_per_s", "#2f6db5"),
+        ("raw ONNX Runtime, same shapes", "raw_ort_steps_per_s", "#9fc5e8"),
+    ]
     fig, ax = plt.subplots(figsize=(7, 3.6))
     width = 0.26
     for i, (name, key, color) in enumerate(series):
@@ -30,8 +32,13 @@ def engine_plot(result: dict[str, Any], target: Path) -> None:
         bars = ax.bar(xs, [r[key] for r in runs], width, label=name, color=color)
         if key == "batched_steps_per_s":
             for bar, r in zip(bars, runs, strict=True):
-                ax.annotate(f"{r['batching_speedup']}×\n{r['engine_vs_raw']:.0%} of raw", (bar.get_x() + width / 2,
-                            bar.get_height()), ha="center", va="bottom", fontsize=7)
+                ax.annotate(
+                    f"{r['batching_speedup']}×\n{r['engine_vs_raw']:.0%} of raw",
+                    (bar.get_x() + width / 2, bar.get_height()),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
     ax.set_xticks(range(len(runs)), labels)
     ax.set_xlabel("timesteps per request")
     ax.set_ylabel("timesteps / s")

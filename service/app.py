@@ -24,8 +24,13 @@ log = logging.getLogger(__name__)
 
 def load_models(settings: Settings) -> dict[str, RecurrentModel]:
     return {
-        name: RecurrentModel(path, name=name, state_pairs=settings.state or None, providers=settings.providers,
-                             intra_op_threads=settings.intra_op_threads)
+        name: RecurrentModel(
+            path,
+            name=name,
+            state_pairs=settings.state or None,
+            providers=settings.providers,
+            intra_op_threads=settings.intra_op_threads,
+        )
         for name, path in settings.model_paths().items()
     }
 
@@ -37,15 +42,21 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, Recurre
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         served = dict(models) if models is not None else load_models(settings)
-        store = await SessionStore.connect(settings.redis_url, data_dir=settings.data_dir,
-                                           socket_timeout_s=settings.redis_timeout_s,
-                                           max_connections=settings.redis_max_connections)
+        store = await SessionStore.connect(
+            settings.redis_url,
+            data_dir=settings.data_dir,
+            socket_timeout_s=settings.redis_timeout_s,
+            max_connections=settings.redis_max_connections,
+        )
         sessions = SessionService(settings, store, served, metrics)
         await sessions.start()
         app.state.store, app.state.sessions = store, sessions
         app.state.ready = True
-        log.info("carryover ready: models %s, store %s", sorted(served),
-                 "embedded Redis" if settings.redis_url is None else "external Redis")
+        log.info(
+            "carryover ready: models %s, store %s",
+            sorted(served),
+            "embedded Redis" if settings.redis_url is None else "external Redis",
+        )
         try:
             yield
         finally:
@@ -61,9 +72,13 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, Recurre
     from service.api.http import install_http
     from service.api.ws import install_ws
 
-    app = FastAPI(title="carryover", version="0.1.0", lifespan=lifespan,
-                  description="Streaming inference for recurrent models: per-session state in Redis, "
-                              "ragged micro-batching on ONNX Runtime.")
+    app = FastAPI(
+        title="carryover",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Streaming inference for recurrent models: per-session state in Redis, "
+        "ragged micro-batching on ONNX Runtime.",
+    )
     app.state.settings, app.state.metrics = settings, metrics
     app.state.ready, app.state.shutting_down, app.state.websockets = False, False, set()
     install_http(app)

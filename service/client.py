@@ -43,8 +43,9 @@ class CarryoverClientError(Exception):
             body = response.json()
         except ValueError:
             body = {}
-        return cls(response.status_code, str(body.get("code", "http_error")), str(body.get("detail", response.text)),
-                   body)
+        return cls(
+            response.status_code, str(body.get("code", "http_error")), str(body.get("detail", response.text)), body
+        )
 
 
 @dataclass
@@ -115,14 +116,12 @@ class _ChunkWindow:
         return _ws_reply(raw)
 
 
-def _create_body(model: str | None, session_id: str | None, ttl_s: int | None, fork_from: str | None
-                 ) -> dict[str, Any]:
+def _create_body(model: str | None, session_id: str | None, ttl_s: int | None, fork_from: str | None) -> dict[str, Any]:
     body = {"model": model, "session_id": session_id, "ttl_s": ttl_s, "fork_from": fork_from}
     return {k: v for k, v in body.items() if v is not None}
 
 
-def _checked(response: httpx.Response | None, error: httpx.TransportError | None, final: bool
-             ) -> httpx.Response | None:
+def _checked(response: httpx.Response | None, error: httpx.TransportError | None, final: bool) -> httpx.Response | None:
     """The response if it is a success; None to retry; raises when it is final or not retryable."""
     if response is not None:
         if response.status_code < 400:
@@ -179,8 +178,9 @@ class Session:
         return {k: archive[k] for k in archive.files}
 
     def load_state(self, npz_bytes: bytes) -> None:
-        data = self.client._json("PUT", f"/v1/sessions/{self.id}/state", content=npz_bytes,
-                                 headers={"Content-Type": "application/x-npz"})
+        data = self.client._json(
+            "PUT", f"/v1/sessions/{self.id}/state", content=npz_bytes, headers={"Content-Type": "application/x-npz"}
+        )
         self.step_count = int(data["step"])
 
     def reset(self) -> None:
@@ -194,8 +194,9 @@ class Session:
 def _expect_session_message(raw: str | bytes) -> dict[str, Any]:
     message: dict[str, Any] = orjson.loads(raw)
     if message.get("type") == "error":
-        raise CarryoverClientError(int(message.get("status", 0)), str(message.get("code")), str(message.get("detail")),
-                                   message)
+        raise CarryoverClientError(
+            int(message.get("status", 0)), str(message.get("code")), str(message.get("detail")), message
+        )
     return message
 
 
@@ -206,8 +207,9 @@ def _ws_reply(raw: str | bytes) -> StepResult:
 
 
 class Client:
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, timeout: float = 30.0, retries: int = 5,
-                 backoff: float = 0.1) -> None:
+    def __init__(
+        self, base_url: str = "http://127.0.0.1:8000", *, timeout: float = 30.0, retries: int = 5, backoff: float = 0.1
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.retries, self.backoff = retries, backoff
         self.http = httpx.Client(base_url=self.base_url, timeout=timeout)
@@ -225,8 +227,14 @@ class Client:
         models: list[dict[str, Any]] = self._json("GET", "/v1/models")["models"]
         return models
 
-    def create(self, model: str | None = None, *, session_id: str | None = None, ttl_s: int | None = None,
-               fork_from: str | None = None) -> Session:
+    def create(
+        self,
+        model: str | None = None,
+        *,
+        session_id: str | None = None,
+        ttl_s: int | None = None,
+        fork_from: str | None = None,
+    ) -> Session:
         body = _create_body(model, session_id, ttl_s, fork_from)
         return Session(self, self._json("POST", "/v1/sessions", json=body))
 
@@ -235,8 +243,12 @@ class Client:
         return Session(self, self._json("GET", f"/v1/sessions/{session_id}"))
 
     def _step(self, session_id: str, inputs: Mapping[str, Any], step: int) -> StepResult:
-        response = self._request("POST", f"/v1/sessions/{session_id}/step", content=_body(inputs, step),
-                                 headers={"Content-Type": "application/json"})
+        response = self._request(
+            "POST",
+            f"/v1/sessions/{session_id}/step",
+            content=_body(inputs, step),
+            headers={"Content-Type": "application/json"},
+        )
         return _result(response)
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -295,8 +307,15 @@ class AsyncSession:
 
 
 class AsyncClient:
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, timeout: float = 30.0, retries: int = 5,
-                 backoff: float = 0.1, http: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        timeout: float = 30.0,
+        retries: int = 5,
+        backoff: float = 0.1,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.retries, self.backoff = retries, backoff
         self.http = http or httpx.AsyncClient(base_url=self.base_url, timeout=timeout)
@@ -311,8 +330,14 @@ class AsyncClient:
         models: list[dict[str, Any]] = (await self._request("GET", "/v1/models")).json()["models"]
         return models
 
-    async def create(self, model: str | None = None, *, session_id: str | None = None, ttl_s: int | None = None,
-                     fork_from: str | None = None) -> AsyncSession:
+    async def create(
+        self,
+        model: str | None = None,
+        *,
+        session_id: str | None = None,
+        ttl_s: int | None = None,
+        fork_from: str | None = None,
+    ) -> AsyncSession:
         body = _create_body(model, session_id, ttl_s, fork_from)
         return AsyncSession(self, (await self._request("POST", "/v1/sessions", json=body)).json())
 
@@ -320,8 +345,12 @@ class AsyncClient:
         return AsyncSession(self, (await self._request("GET", f"/v1/sessions/{session_id}")).json())
 
     async def _step(self, session_id: str, inputs: Mapping[str, Any], step: int) -> StepResult:
-        response = await self._request("POST", f"/v1/sessions/{session_id}/step", content=_body(inputs, step),
-                                       headers={"Content-Type": "application/json"})
+        response = await self._request(
+            "POST",
+            f"/v1/sessions/{session_id}/step",
+            content=_body(inputs, step),
+            headers={"Content-Type": "application/json"},
+        )
         return _result(response)
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:

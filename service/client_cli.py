@@ -42,8 +42,11 @@ def interactive(session: Session, model: dict[str, Any], stdin: Any = sys.stdin,
     unk: int = model["unk_id"]
     index = {c: i for i, c in enumerate(vocab)}
     name = model["inputs"][0]["name"]
-    print(f"session {session.id} (model {session.model}, step {session.step_count}). "
-          "Type text; Enter sends it. :gen N, :reset, :quit", file=out)
+    print(
+        f"session {session.id} (model {session.model}, step {session.step_count}). "
+        "Type text; Enter sends it. :gen N, :reset, :quit",
+        file=out,
+    )
     last: np.ndarray | None = None
     for raw in stdin:
         line = raw.rstrip("\n")
@@ -79,7 +82,7 @@ def file_mode(session: Session, model: dict[str, Any], source: Path, target: Pat
     name = model["inputs"][0]["name"]
     results: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(data), chunk):
-        for key, value in session.step({name: data[start: start + chunk]}).items():
+        for key, value in session.step({name: data[start : start + chunk]}).items():
             results.setdefault(key, []).append(value)
     arrays: dict[str, Any] = {k: np.concatenate(v) for k, v in results.items()}
     np.savez(target, **arrays)
@@ -102,8 +105,12 @@ def run_client(args: argparse.Namespace) -> int:
 
 
 def add_client_parser(sub: Any) -> None:
-    parser = sub.add_parser("client", help="talk to a running server", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = sub.add_parser(
+        "client",
+        help="talk to a running server",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--model", help="model of a new session (default: the server's default)")
     parser.add_argument("--session", help="resume this session instead of creating one")

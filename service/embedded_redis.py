@@ -76,8 +76,7 @@ def find_redis_server() -> str:
 def server_version(executable: str) -> tuple[int, int, int]:
     """``redis-server --version`` as a tuple; (0, 0, 0) when it cannot be parsed."""
     try:
-        out = subprocess.run([executable, "--version"], capture_output=True, text=True, timeout=30,
-                             check=False).stdout
+        out = subprocess.run([executable, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
     except OSError as e:
         raise EmbeddedRedisError(f"cannot run {executable}: {e}") from e
     m = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out)
@@ -97,8 +96,12 @@ def _pid_alive(pid: int) -> bool:
 def _client(socket_path: str, timeout_s: float) -> redis.Redis:
     # No retries: a SHUTDOWN drops the connection by design, and a PING that fails while the
     # server starts is simply tried again by the caller's loop.
-    return redis.Redis(unix_socket_path=socket_path, socket_timeout=timeout_s,
-                       socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
+    return redis.Redis(
+        unix_socket_path=socket_path,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+    )
 
 
 def _ping(socket_path: str, timeout_s: float = 1.0) -> bool:
@@ -113,8 +116,7 @@ class EmbeddedRedis:
     """A ``redis-server`` child bound to ``data_dir``; ``start()``/``stop()`` block (run them in a
     thread from async code)."""
 
-    def __init__(self, data_dir: Path, *, executable: str | None = None,
-                 start_timeout_s: float = 60.0) -> None:
+    def __init__(self, data_dir: Path, *, executable: str | None = None, start_timeout_s: float = 60.0) -> None:
         self.data_dir = Path(data_dir).expanduser().absolute()
         self.executable = executable
         self.start_timeout_s = start_timeout_s
@@ -155,8 +157,7 @@ class EmbeddedRedis:
             self._cleanup()
             raise
         atexit.register(self.stop)  # a service that exits without close() must not orphan it
-        log.info("embedded redis-server %s (pid %s) on %s, data in %s", exe, self.pid, self.socket_path,
-                 self.data_dir)
+        log.info("embedded redis-server %s (pid %s) on %s, data in %s", exe, self.pid, self.socket_path, self.data_dir)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SHUTDOWN (the AOF is fsynced), falling back to SIGTERM, then SIGKILL. Idempotent."""
@@ -238,12 +239,15 @@ class EmbeddedRedis:
 
     def _stop_orphan(self, owner: dict[str, object]) -> None:
         redis_pid = _int(owner, "redis_pid")
-        log.warning("stopping orphaned embedded redis-server (pid %d) of dead process %s in %s",
-                    redis_pid, owner.get("owner_pid"), self.data_dir)
+        log.warning(
+            "stopping orphaned embedded redis-server (pid %d) of dead process %s in %s",
+            redis_pid,
+            owner.get("owner_pid"),
+            self.data_dir,
+        )
         socket_path = str(owner.get("socket", ""))
         if socket_path and _ping(socket_path):
-            with contextlib.suppress(redis.RedisError, OSError), _client(socket_path,
-                                                                         self.start_timeout_s) as client:
+            with contextlib.suppress(redis.RedisError, OSError), _client(socket_path, self.start_timeout_s) as client:
                 client.shutdown()
         elif redis_pid and _is_redis_server(redis_pid):
             with contextlib.suppress(ProcessLookupError):
@@ -271,15 +275,24 @@ class EmbeddedRedis:
         assert self._lock_fd is not None
         args = [
             exe,
-            "--port", "0",
-            "--unixsocket", self.socket_path,
-            "--unixsocketperm", "700",
-            "--dir", str(self.data_dir),
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--save", "",
-            "--daemonize", "no",
-            "--logfile", str(self.log_path),
+            "--port",
+            "0",
+            "--unixsocket",
+            self.socket_path,
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(self.data_dir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.log_path),
         ]
         try:
             # Early errors (bad config) go to stderr before the logfile is open: keep them too.
@@ -287,9 +300,15 @@ class EmbeddedRedis:
                 # pass_fds: redis-server inherits the data-dir lock (see the module docstring).
                 # start_new_session: a Ctrl-C to the service's process group must not stop Redis
                 # under in-flight requests; the service's close() shuts it down in order.
-                self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=early_log,
-                                              stderr=early_log, pass_fds=(self._lock_fd,),
-                                              start_new_session=True, cwd=self.data_dir)
+                self._proc = subprocess.Popen(
+                    args,
+                    stdin=subprocess.DEVNULL,
+                    stdout=early_log,
+                    stderr=early_log,
+                    pass_fds=(self._lock_fd,),
+                    start_new_session=True,
+                    cwd=self.data_dir,
+                )
         except OSError as e:
             raise EmbeddedRedisError(f"cannot start {exe}: {e}") from e
 

@@ -43,8 +43,13 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         if _is_list(field):
             action = "append" if name in ("models", "state") else None
             if action:
-                parser.add_argument(_flag(name), dest=name, action="append", help=help_text,
-                                    metavar="NAME=PATH" if name == "models" else "IN:OUT[:AXIS]")
+                parser.add_argument(
+                    _flag(name),
+                    dest=name,
+                    action="append",
+                    help=help_text,
+                    metavar="NAME=PATH" if name == "models" else "IN:OUT[:AXIS]",
+                )
             else:
                 parser.add_argument(_flag(name), dest=name, nargs="+", help=help_text)
         else:
@@ -96,8 +101,15 @@ def _find_app(app: Any) -> FastAPI | None:
 
 
 def uvicorn_config(app: Any, settings: Settings, **kwargs: Any) -> uvicorn.Config:
-    return uvicorn.Config(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-                          ws="websockets-sansio", ws_max_size=settings.max_body_bytes + 1024, **kwargs)
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        ws="websockets-sansio",
+        ws_max_size=settings.max_body_bytes + 1024,
+        **kwargs,
+    )
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
@@ -118,8 +130,9 @@ def run(settings: Settings) -> None:
         log.info("embedded Redis (AOF under %s) at %s", settings.data_dir, embedded.url)
     try:
         os.environ.update(settings_to_env(settings))
-        config = uvicorn_config("service.app:create_app", settings, factory=True, workers=settings.workers,
-                                log_level="info")
+        config = uvicorn_config(
+            "service.app:create_app", settings, factory=True, workers=settings.workers, log_level="info"
+        )
         if settings.workers > 1:
             # uvicorn's worker processes build a plain uvicorn.Server: at shutdown it closes
             # WebSockets (1012) before the app can answer pipelined chunks. Those chunks still
@@ -140,8 +153,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def add_serve_parser(sub: Any) -> None:
-    serve = sub.add_parser("serve", help="run the inference service",
-                           description="Serve recurrent models over HTTP and WebSocket. Every flag can also be "
-                                       "set with its CARRYOVER_* environment variable.")
+    serve = sub.add_parser(
+        "serve",
+        help="run the inference service",
+        description="Serve recurrent models over HTTP and WebSocket. Every flag can also be "
+        "set with its CARRYOVER_* environment variable.",
+    )
     add_settings_arguments(serve)
     serve.set_defaults(func=_serve)

@@ -193,8 +193,9 @@ class SessionService:
         reply = await future
         return replace(reply, session_id=session_id)
 
-    def _submit(self, name: str, key: str, owner: str, inputs: Mapping[str, Any], expected_step: int | None
-                ) -> asyncio.Future[StepReply]:
+    def _submit(
+        self, name: str, key: str, owner: str, inputs: Mapping[str, Any], expected_step: int | None
+    ) -> asyncio.Future[StepReply]:
         """Validate and queue; the scheduler re-checks the session's model on its record."""
         arrays = validate_inputs(self.model(name).contract, inputs, self.settings.max_steps_per_request)
         return self.schedulers[name].submit(key, owner, arrays, expected_step, request_digest(arrays))

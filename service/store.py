@@ -190,8 +190,7 @@ class _Script:
         return cls(name, body, hashlib.sha1(body).hexdigest())
 
 
-_SCRIPTS = {s.name: s for s in (_Script.of("create", _CREATE), _Script.of("save", _SAVE),
-                                 _Script.of("load", _LOAD))}
+_SCRIPTS = {s.name: s for s in (_Script.of("create", _CREATE), _Script.of("save", _SAVE), _Script.of("load", _LOAD))}
 _Call = tuple[_Script, str, Sequence[bytes | str | int]]
 
 # -- errors -------------------------------------------------------------------------------------
@@ -242,15 +241,24 @@ async def _translate() -> AsyncIterator[None]:
 # field, because redis-py packs every command argument in Python and a batch write has
 # max_batch_size commands: fewer arguments per record is measurably faster (bench/engine.py).
 _META = ("session_id", "model", "fingerprint", "step", "owner", "created_at", "updated_at", "last_digest")
-assert {*_META, "revision", "ttl_s", "states", "last_reply", "expires_in"} == {
-    f.name for f in fields(SessionRecord)}, "every SessionRecord field must be stored"
+assert {*_META, "revision", "ttl_s", "states", "last_reply", "expires_in"} == {f.name for f in fields(SessionRecord)}, (
+    "every SessionRecord field must be stored"
+)
 
 
 def _encode(record: SessionRecord) -> list[bytes | str]:
     """Flat field/value list for HSET."""
     meta = orjson.dumps({name: getattr(record, name) for name in _META})
-    flat: list[bytes | str] = ["revision", str(int(record.revision)), "ttl_s", str(int(record.ttl_s)),
-                               "meta", meta, "last_reply", record.last_reply]
+    flat: list[bytes | str] = [
+        "revision",
+        str(int(record.revision)),
+        "ttl_s",
+        str(int(record.ttl_s)),
+        "meta",
+        meta,
+        "last_reply",
+        record.last_reply,
+    ]
     for i, state in enumerate(record.states):
         flat += (f"s{i}", bytes(state))
     return flat
@@ -305,8 +313,9 @@ class SessionStore:
         return isinstance(self._redis, RedisCluster)
 
     @classmethod
-    async def connect(cls, url: str | None, *, data_dir: Path, socket_timeout_s: float = 2.0,
-                      max_connections: int = 64) -> SessionStore:
+    async def connect(
+        cls, url: str | None, *, data_dir: Path, socket_timeout_s: float = 2.0, max_connections: int = 64
+    ) -> SessionStore:
         """Connect to ``url``, or with ``url=None`` start an embedded Redis under ``data_dir``.
 
         Pings, recognises a Redis Cluster (see the module docstring) and loads the scripts; raises
@@ -384,8 +393,7 @@ class SessionStore:
         keys = [session_key(i) for i in ids]
         flag = "1" if with_reply else "0"
         replies = await self._run([(_SCRIPTS["load"], k, (flag,)) for k in keys])
-        return [None if r is None else _decode(k, r[0], int(r[1]))
-                for k, r in zip(keys, replies, strict=True)]
+        return [None if r is None else _decode(k, r[0], int(r[1])) for k, r in zip(keys, replies, strict=True)]
 
     async def save(self, writes: Sequence[tuple[SessionRecord, int]]) -> list[WriteOutcome]:
         """Compare-and-set each ``(new_record, expected_revision)``; one round trip for the batch.
@@ -397,8 +405,10 @@ class SessionStore:
         for record, expected in writes:
             _check(record)
             if record.revision != expected + 1:
-                raise ValueError(f"session {record.session_id!r}: new revision {record.revision} "
-                                 f"must be expected revision {expected} + 1")
+                raise ValueError(
+                    f"session {record.session_id!r}: new revision {record.revision} "
+                    f"must be expected revision {expected} + 1"
+                )
             args = [expected, record.ttl_s * 1000, secrets.token_hex(8), record.revision, *_encode(record)]
             calls.append((_SCRIPTS["save"], session_key(record.session_id), args))
         outcomes = {1: WriteOutcome.OK, 0: WriteOutcome.CONFLICT, -1: WriteOutcome.MISSING}

@@ -55,11 +55,29 @@ class RedisServer:
     def start(self) -> None:
         assert self.proc is None, "already running"
         self.directory.mkdir(parents=True, exist_ok=True)
-        args = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--daemonize", "no",
-                "--dir", str(self.directory), "--save", "", "--logfile", str(self.directory / "redis.log"),
-                "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always", *self.extra_args]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        args = [
+            self.executable,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--daemonize",
+            "no",
+            "--dir",
+            str(self.directory),
+            "--save",
+            "",
+            "--logfile",
+            str(self.directory / "redis.log"),
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "always",
+            *self.extra_args,
+        ]
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         atexit.register(self.stop, kill=True)  # an interrupted run must not leave servers behind
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:

@@ -28,19 +28,43 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 REPO = Path(__file__).resolve().parents[2]
 
 
-def record(sid: str, *, revision: int = 1, step: int = 0, ttl_s: int = 600,
-           states: tuple[bytes, ...] = (b"\x00\x01\x02\xff", b"h" * 16)) -> SessionRecord:
+def record(
+    sid: str,
+    *,
+    revision: int = 1,
+    step: int = 0,
+    ttl_s: int = 600,
+    states: tuple[bytes, ...] = (b"\x00\x01\x02\xff", b"h" * 16),
+) -> SessionRecord:
     now = time.time()
-    return SessionRecord(session_id=sid, model="gru", fingerprint="ab" * 32, step=step, revision=revision,
-                         states=states, owner="owner-hash", created_at=now, updated_at=now, ttl_s=ttl_s)
+    return SessionRecord(
+        session_id=sid,
+        model="gru",
+        fingerprint="ab" * 32,
+        step=step,
+        revision=revision,
+        states=states,
+        owner="owner-hash",
+        created_at=now,
+        updated_at=now,
+        ttl_s=ttl_s,
+    )
 
 
 def advanced(rec: SessionRecord, steps: int = 3) -> SessionRecord:
     """The next write of ``rec``: CAS from its revision; states and reply derived from the revision so
     a reader can check that a record is whole."""
     rev = rec.revision + 1
-    return replace(rec, revision=rev, step=rec.step + steps, states=consistent_states(rev),
-                   last_digest=f"d{rev}", last_reply=b"r%d" % rev, updated_at=time.time(), expires_in=None)
+    return replace(
+        rec,
+        revision=rev,
+        step=rec.step + steps,
+        states=consistent_states(rev),
+        last_digest=f"d{rev}",
+        last_reply=b"r%d" % rev,
+        updated_at=time.time(),
+        expires_in=None,
+    )
 
 
 def consistent_states(rev: int, size: int = 4096) -> tuple[bytes, ...]:
@@ -86,8 +110,14 @@ def gone(pid: int) -> bool:
 
 
 async def test_create_once_and_read_back_every_field(store: SessionStore, raw: redis.Redis) -> None:
-    rec = replace(record("a/é"), states=(b"", b"\x00" * 3, bytes(range(256))), last_digest="x",
-                  last_reply=b"\x00reply", created_at=1712345678.123456, updated_at=1712345679.5)
+    rec = replace(
+        record("a/é"),
+        states=(b"", b"\x00" * 3, bytes(range(256))),
+        last_digest="x",
+        last_reply=b"\x00reply",
+        created_at=1712345678.123456,
+        updated_at=1712345679.5,
+    )
     assert await store.create(rec)
     assert not await store.create(replace(rec, model="other"))  # exists: untouched
     [got] = await store.load([rec.session_id], with_reply=True)
@@ -183,8 +213,7 @@ async def test_save_replaces_the_whole_record(store: SessionStore, raw: redis.Re
     assert got is not None and got.states == (b"x",)
 
 
-async def test_a_resent_write_is_recognised_by_its_token(store: SessionStore,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_resent_write_is_recognised_by_its_token(store: SessionStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """redis-py re-sends a pipeline whose reply was lost; the write must not then read as lost."""
     rec = record("resend")
     monkeypatch.setattr(secrets, "token_hex", lambda n: "same-token")
@@ -286,8 +315,14 @@ async def test_crash_outage_and_recovery_on_the_same_store(tmp_path: Path) -> No
             await task
         writing = False
 
-        for call in (s.ping(), s.load(ids), s.save([(advanced(record("k0")), 1)]), s.create(record("new")),
-                     s.delete("k0"), s.count()):
+        for call in (
+            s.ping(),
+            s.load(ids),
+            s.save([(advanced(record("k0")), 1)]),
+            s.create(record("new")),
+            s.delete("k0"),
+            s.count(),
+        ):
             with pytest.raises(StoreUnavailable) as info:
                 await call
             assert info.value.retry_after > 0
@@ -392,13 +427,22 @@ async def test_embedded_redis_refuses_a_data_dir_in_use(tmp_path: Path) -> None:
 async def test_embedded_redis_stops_an_orphan_of_a_dead_service(tmp_path: Path) -> None:
     """A service killed hard leaves its redis-server running; the next start shuts it down
     cleanly (its data kept) instead of running two servers on one AOF."""
-    code = ("import os, sys, redis; from pathlib import Path;"
-            "from service.embedded_redis import EmbeddedRedis;"
-            "e = EmbeddedRedis(Path(sys.argv[1])); e.start();"
-            "redis.Redis(unix_socket_path=e.socket_path).set('left', 'behind');"
-            "print(e.pid, flush=True); os._exit(0)")
-    out = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code, str(tmp_path)], cwd=REPO,
-                                  capture_output=True, text=True, timeout=120, check=True)
+    code = (
+        "import os, sys, redis; from pathlib import Path;"
+        "from service.embedded_redis import EmbeddedRedis;"
+        "e = EmbeddedRedis(Path(sys.argv[1])); e.start();"
+        "redis.Redis(unix_socket_path=e.socket_path).set('left', 'behind');"
+        "print(e.pid, flush=True); os._exit(0)"
+    )
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", code, str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     orphan = int(out.stdout.strip())
     assert not gone(orphan)
     e = EmbeddedRedis(tmp_path)
@@ -430,8 +474,9 @@ async def test_no_redis_server_anywhere_is_a_clear_error(monkeypatch: pytest.Mon
         er.find_redis_server()
 
 
-async def test_embedded_redis_refuses_a_newer_aof_with_an_old_binary(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_embedded_redis_refuses_a_newer_aof_with_an_old_binary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "appendonlydir").mkdir()
     monkeypatch.setattr(er, "server_version", lambda exe: (6, 2, 14))
     with pytest.raises(EmbeddedRedisError, match=r"older than 7\.0"):
