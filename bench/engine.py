@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", type=Path, default=RESULTS, help="where the JSON, table and plot go")
     p.add_argument("--sessions", type=int, default=256)
-    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--requests", type=int, default=48)
     p.add_argument("--steps", type=int, nargs="+", default=[8, 32, 128], help="steps per request (one run each)")
     p.add_argument("--ragged", type=int, default=128, help="longest request in the bucketing run")
     p.add_argument("--threads", type=int, default=1, help="ORT intra-op threads, for the engine and the ceiling")

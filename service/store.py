@@ -77,6 +77,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.embedded_redis import EmbeddedRedis
+from service.redis_packing import connection_class
 
 log = logging.getLogger(__name__)
 
@@ -334,6 +335,7 @@ class SessionStore:
         try:
             pool = aioredis.BlockingConnectionPool.from_url(
                 url,
+                connection_class=connection_class(url),
                 max_connections=max_connections,
                 timeout=socket_timeout_s,  # waiting for a free connection
                 decode_responses=False,  # states are bytes
