@@ -63,7 +63,8 @@ the server read is answered and none is applied silently:
 
 1008 (policy) is reserved for authentication once API keys exist. The close reason is the problem
 ``code``. Under uvicorn, its own shutdown closes open WebSockets with 1012 before the app's lifespan
-shutdown runs ``close_all``; to drain pipelined chunks first, call ``close_all`` before that. Open
+shutdown runs ``close_all``; ``carryover serve`` therefore runs ``service.serve.DrainingServer``,
+which calls ``close_all`` first (with ``--workers > 1`` uvicorn's plain server is used). Open
 connections are counted in the ``carryover_websocket_connections`` gauge.
 """
 
