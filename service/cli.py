@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -33,6 +34,19 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _bench(args: argparse.Namespace) -> int:
+    checkout = Path(__file__).resolve().parents[1]  # the repository root of an editable install
+    if (checkout / "bench" / f"{args.which}.py").is_file() and str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    try:
+        module = importlib.import_module(f"bench.{args.which}")
+    except ModuleNotFoundError:
+        print("carryover bench runs from a source checkout (the bench/ folder is not installed)", file=sys.stderr)
+        return 2
+    module.main(args.rest)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="carryover", description="Streaming inference for recurrent models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--seed", type=int, default=0)
     verify.add_argument("--tolerance", type=float, default=1e-5)
     verify.set_defaults(func=_verify)
+
+    bench = sub.add_parser(
+        "bench",
+        help="run a benchmark (engine | api), from a source checkout",
+        description="Runs bench/engine.py or bench/api.py; arguments after the name go to it "
+        "(e.g. carryover bench engine --steps 8 32).",
+    )
+    bench.add_argument("which", choices=["engine", "api"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark (see its --help)")
+    bench.set_defaults(func=_bench)
 
     from service.client_cli import add_client_parser
     from service.serve import add_serve_parser

@@ -19,6 +19,28 @@ def test_engine_benchmark_runs_and_writes_its_results(tmp_path: Path) -> None:
     assert (tmp_path / "engine.png").stat().st_size > 1000
 
 
+def test_carryover_bench_runs_a_benchmark(tmp_path: Path) -> None:
+    from service.cli import main
+
+    code = main(
+        [
+            "bench",
+            "engine",
+            "--results",
+            str(tmp_path),
+            "--sessions",
+            "2",
+            "--requests",
+            "1",
+            "--steps",
+            "2",
+            "--ragged",
+            "2",
+        ]
+    )
+    assert code == 0 and (tmp_path / "engine.json").exists()
+
+
 def test_api_benchmark_runs_and_writes_its_results(tmp_path: Path) -> None:
     api.main(["--results", str(tmp_path), "--clients", "3", "--seconds", "1", "--steps", "2"])
     result = json.loads((tmp_path / "api.json").read_text())
