@@ -37,7 +37,6 @@ from service.errors import (
     SessionNotFound,
     ShuttingDown,
     StepConflict,
-    Unavailable,
 )
 from service.metrics import Metrics
 from service.model import BatchResult, RecurrentModel
@@ -161,8 +160,8 @@ class Scheduler:
         return future
 
     # -- gathering --------------------------------------------------------------------------
-    def _eligible(self) -> list[tuple[int, StepRequest]]:
-        rows: list[tuple[int, StepRequest]] = []
+    def _eligible(self) -> list[StepRequest]:
+        rows: list[StepRequest] = []
         tokens = 0
         seen: set[str] = set()
         for key, r in list(self._queue.items()):
@@ -175,16 +174,16 @@ class Scheduler:
             seen.add(r.session_id)
             if rows and tokens + r.chunk_steps > self.settings.max_batch_tokens:
                 continue
-            rows.append((key, r))
+            rows.append(r)
             tokens += r.chunk_steps
             if len(rows) >= self.settings.max_batch_size:
                 break
         return rows
 
-    def _full(self, rows: list[tuple[int, StepRequest]]) -> bool:
+    def _full(self, rows: list[StepRequest]) -> bool:
         return (
             len(rows) >= self.settings.max_batch_size
-            or sum(r.chunk_steps for _, r in rows) >= self.settings.max_batch_tokens
+            or sum(r.chunk_steps for r in rows) >= self.settings.max_batch_tokens
         )
 
     async def _gather(self) -> list[StepRequest] | None:
@@ -200,9 +199,8 @@ class Scheduler:
                         await asyncio.wait_for(self._changed.wait(), left)
                     rows = self._eligible()
             if rows:
-                for _, r in rows:
-                    self._in_flight.add(r.session_id)
-                return [r for _, r in rows]
+                self._in_flight.update(r.session_id for r in rows)
+                return rows
             if self._stopping and not self._queue and all(t.done() for t in self._tasks):
                 return None
             await self._changed.wait()
@@ -253,7 +251,7 @@ class Scheduler:
             self._observe_redis("load", started)
         except StoreUnavailable as e:
             for r in fresh:
-                self._fail(r, Unavailable(str(e), retry_after=e.retry_after))
+                self._fail(r, e)
             return []
         admitted = []
         for r, rec in zip(fresh, records, strict=True):
@@ -282,7 +280,7 @@ class Scheduler:
         try:
             (rec,) = await self.store.load([r.session_id], with_reply=True)
         except StoreUnavailable as e:
-            self._fail(r, Unavailable(str(e), retry_after=e.retry_after))
+            self._fail(r, e)
             return
         if rec is None or rec.last_digest != r.digest or not rec.last_reply:
             self._fail(r, StepConflict("the session changed while replaying", current_step=rec.step if rec else None))
@@ -351,12 +349,12 @@ class Scheduler:
             self._observe_redis("save", started)
         except StoreUnavailable as e:
             for r in finals:  # the write may or may not have landed: a retry with `step` tells
-                self._fail(r, Unavailable(str(e), retry_after=e.retry_after))
+                self._fail(r, e)
             return
         for r, reply, outcome in zip(finals, replies, outcomes, strict=True):
             if outcome is WriteOutcome.OK:
                 if self.metrics:
-                    self.metrics.steps.labels(self.name).inc(reply.step - (r.base.step if r.base else 0))
+                    self.metrics.steps.labels(self.name).inc(r.total_steps)
                 self._resolve(r, reply)
             elif outcome is WriteOutcome.MISSING:
                 self._fail(r, SessionNotFound(f"session {r.session_id!r} was deleted"))

@@ -27,12 +27,11 @@ from service.errors import (
     SessionNotFound,
     StepConflict,
     TooManySessions,
-    Unavailable,
 )
 from service.metrics import Metrics
 from service.model import RecurrentModel
 from service.scheduler import Scheduler, StepReply
-from service.store import SessionRecord, SessionStore, StoreUnavailable, WriteOutcome
+from service.store import SessionRecord, SessionStore, WriteOutcome
 from service.tensors import initial_state_bytes, request_digest, states_from_bytes, states_to_bytes
 from service.validation import validate_inputs
 
@@ -154,7 +153,7 @@ class SessionService:
             updated_at=now,
             ttl_s=ttl,
         )
-        if not await self._call(self.store.create(record)):
+        if not await self.store.create(record):
             raise SessionExists(f"session {public_id!r} already exists")
         self._count = (self._count[0], self._count[1] + 1)
         return self._info(public_id, replace(record, expires_in=float(ttl)))
@@ -163,7 +162,7 @@ class SessionService:
         return self._info(session_id, await self._load(session_id, owner))
 
     async def delete(self, session_id: str, owner: str = "") -> None:
-        if not await self._call(self.store.delete(self._key(session_id, owner))):
+        if not await self.store.delete(self._key(session_id, owner)):
             raise SessionNotFound(f"session {session_id!r} does not exist or has expired")
         self._session_model.pop(self._key(session_id, owner), None)
 
@@ -242,7 +241,7 @@ class SessionService:
     async def _check_capacity(self) -> None:
         checked, count = self._count
         if time.monotonic() - checked > COUNT_CACHE_S:
-            count = await self._call(self.store.count())
+            count = await self.store.count()
             self._count = (time.monotonic(), count)
             if self.metrics:
                 self.metrics.sessions.set(count)
@@ -251,7 +250,7 @@ class SessionService:
 
     async def _load(self, session_id: str, owner: str) -> SessionRecord:
         record: SessionRecord | None
-        (record,) = await self._call(self.store.load([self._key(session_id, owner)]))
+        (record,) = await self.store.load([self._key(session_id, owner)])
         if record is None or record.owner != owner:
             raise SessionNotFound(f"session {session_id!r} does not exist or has expired")
         return record
@@ -270,18 +269,12 @@ class SessionService:
                 last_reply=b"",
                 expires_in=float(current.ttl_s),
             )
-            (outcome,) = await self._call(self.store.save([(new, current.revision)]))
+            (outcome,) = await self.store.save([(new, current.revision)])
             if outcome is WriteOutcome.OK:
                 return new
             if outcome is WriteOutcome.MISSING:
                 raise SessionNotFound(f"session {session_id!r} was deleted")
         raise StepConflict(f"session {session_id!r} kept changing; try again")
-
-    async def _call(self, awaitable: Any) -> Any:
-        try:
-            return await awaitable
-        except StoreUnavailable as e:
-            raise Unavailable(str(e), retry_after=e.retry_after) from e
 
     def _info(self, session_id: str, record: SessionRecord) -> SessionInfo:
         return SessionInfo(

@@ -77,6 +77,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.embedded_redis import EmbeddedRedis
+from service.errors import Unavailable
 from service.redis_packing import connection_class
 
 log = logging.getLogger(__name__)
@@ -91,12 +92,12 @@ def session_key(session_id: str) -> str:
     return f"{KEY_PREFIX}{session_id}{KEY_SUFFIX}"
 
 
-class StoreUnavailable(Exception):
-    """Redis down / timing out / loading. The API maps it to 503 + Retry-After."""
+class StoreUnavailable(Unavailable):
+    """Redis down / timing out / loading: the engine's typed 503 (with Retry-After) itself, so it
+    reaches every transport unchanged."""
 
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+        super().__init__(message, retry_after=retry_after)
 
 
 class StoreCorrupt(RuntimeError):
