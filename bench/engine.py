@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from service.config import BUNDLED_MODEL, Settings
-from service.model import RecurrentModel
+from service.engine.model import RecurrentModel
 from service.sessions import SessionService
-from service.store import SessionStore
+from service.store.store import SessionStore
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from model_export.charlm_data import encode, read_text, split_stdlib
 from service.config import BUNDLED_MODEL
-from service.model import RecurrentModel
+from service.engine.model import RecurrentModel
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ from model_export.cells import RecurrentNet
 from model_export.charlm_data import build_vocab, encode, read_text, split_stdlib
 from model_export.charlm_eval import bits_per_char as bits_per_char_runtime
 from model_export.export import export_cell
-from service.model import RecurrentModel
+from service.engine.model import RecurrentModel
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "service" / "models"
 

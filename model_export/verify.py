@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from service.contract import ModelContract
-from service.model import RecurrentModel
+from service.engine.contract import ModelContract
+from service.engine.model import RecurrentModel
 
 Layout = str  # "right" | "left" | "holes" | "empty"
 

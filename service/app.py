@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator, Mapping
 from fastapi import FastAPI
 
 from service.config import Settings
+from service.engine.model import RecurrentModel
 from service.metrics import Metrics
-from service.model import RecurrentModel
 from service.sessions import SessionService
-from service.store import SessionStore
+from service.store.store import SessionStore
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from service.config import BUNDLED_MODEL
 
 def _verify(args: argparse.Namespace) -> int:
     from model_export.verify import load_torch_module, verify_model
-    from service.contract import ModelContractError
-    from service.model import RecurrentModel
+    from service.engine.contract import ModelContractError
+    from service.engine.model import RecurrentModel
 
     try:
         model = RecurrentModel(args.model, state_pairs=args.state or None, providers=args.providers)
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark (see its --help)")
     bench.set_defaults(func=_bench)
 
-    from service.client_cli import add_client_parser
+    from service.client.terminal import add_client_parser
     from service.serve import add_serve_parser
 
     add_serve_parser(sub)

@@ -122,7 +122,7 @@ def run(settings: Settings) -> None:
     signal.signal(signal.SIGTERM, _exit_cleanly)
     embedded = None
     if settings.redis_url is None:
-        from service.embedded_redis import EmbeddedRedis
+        from service.store.embedded import EmbeddedRedis
 
         embedded = EmbeddedRedis(settings.data_dir)
         embedded.start()

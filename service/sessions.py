@@ -19,6 +19,10 @@ from typing import Any
 import numpy as np
 
 from service.config import Settings
+from service.engine.model import RecurrentModel
+from service.engine.scheduler import Scheduler, StepReply
+from service.engine.tensors import initial_state_bytes, request_digest, states_from_bytes, states_to_bytes
+from service.engine.validation import validate_inputs
 from service.errors import (
     InvalidInput,
     ModelMismatch,
@@ -29,11 +33,7 @@ from service.errors import (
     TooManySessions,
 )
 from service.metrics import Metrics
-from service.model import RecurrentModel
-from service.scheduler import Scheduler, StepReply
-from service.store import SessionRecord, SessionStore, WriteOutcome
-from service.tensors import initial_state_bytes, request_digest, states_from_bytes, states_to_bytes
-from service.validation import validate_inputs
+from service.store.store import SessionRecord, SessionStore, WriteOutcome
 
 CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,127}$")
 META_KEYS = ("carryover_step", "carryover_fingerprint", "carryover_model")

@@ -7,7 +7,7 @@ import pytest
 
 from model_export.export import export_both
 from service.config import BUNDLED_MODEL
-from service.model import RecurrentModel
+from service.engine.model import RecurrentModel
 from tests.models import SPECS, build
 
 

@@ -12,9 +12,9 @@ import numpy as np
 
 from model_export.verify import unpadded_run
 from service.config import Settings
-from service.model import RecurrentModel
+from service.engine.model import RecurrentModel
 from service.sessions import SessionService
-from service.store import SessionStore
+from service.store.store import SessionStore
 
 
 @contextlib.asynccontextmanager

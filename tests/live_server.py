@@ -15,7 +15,7 @@ from fastapi import FastAPI
 
 from service.app import create_app
 from service.config import Settings
-from service.model import RecurrentModel
+from service.engine.model import RecurrentModel
 from service.serve import DrainingServer, uvicorn_config
 from tests.redis_fixture import RedisServer, free_port
 

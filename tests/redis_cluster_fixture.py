@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import redis
 
-from service.embedded_redis import EmbeddedRedisError, find_redis_server
+from service.store.embedded import EmbeddedRedisError, find_redis_server
 from tests.redis_fixture import START_TIMEOUT_S, RedisServer
 
 SLOTS = 16384

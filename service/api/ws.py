@@ -84,7 +84,7 @@ import orjson
 from fastapi import FastAPI, WebSocket
 
 from service.api.problems import error_problem
-from service.contract import ModelContract
+from service.engine.contract import ModelContract
 from service.errors import (
     CarryoverError,
     InvalidInput,
@@ -97,7 +97,7 @@ from service.errors import (
 from service.sessions import SessionInfo, SessionService
 
 if TYPE_CHECKING:
-    from service.scheduler import StepReply
+    from service.engine.scheduler import StepReply
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from model_export.charlm_data import UNK_CHAR, build_vocab, encode, is_held_out,
 from model_export.charlm_eval import bits_per_char
 from model_export.train_charlm import main as train_main
 from service.config import BUNDLED_MODEL
-from service.model import RecurrentModel, fingerprint
+from service.engine.model import RecurrentModel, fingerprint
 
 
 def test_bundled_model_is_package_data_under_10_mb() -> None:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from model_export.cells import RecurrentNet
 from model_export.export import METADATA_KEY, export_cell
 from model_export.verify import Batch, Row, compare, random_inputs, run_schedule, unpadded_run
-from service.model import RecurrentModel
+from service.engine.model import RecurrentModel
 from tests.conftest import Exported
 
 MODELS = ["gru_stacked", "lstm", "lstm_stacked", "token_gru"]

@@ -17,7 +17,7 @@ import pytest
 
 from model_export.verify import random_inputs
 from service.config import Settings
-from service.model import RecurrentModel
+from service.engine.model import RecurrentModel
 from service.serve import add_settings_arguments, settings_from_args, settings_to_env
 from tests.conftest import Exported
 from tests.engines import assert_matches_offline

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from model_export.verify import random_inputs
+from service.engine.model import RecurrentModel
 from service.errors import (
     CarryoverError,
     InvalidInput,
@@ -21,7 +22,6 @@ from service.errors import (
     SessionNotFound,
     TooManySessions,
 )
-from service.model import RecurrentModel
 from service.sessions import SessionService
 from tests.engines import assert_matches_offline, exported_state, running_engine
 
@@ -237,7 +237,7 @@ async def test_embedded_redis_persists_across_engine_restarts(
 ) -> None:
     """No Redis URL: a real embedded Redis under the data dir, AOF on, same code path."""
     from service.config import Settings
-    from service.store import SessionStore
+    from service.store.store import SessionStore
 
     model = loaded["gru_stacked"]
     x = random_inputs(model.contract, 6, np.random.default_rng(2))

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from model_export.verify import random_inputs
-from service.model import RecurrentModel
+from service.engine.model import RecurrentModel
 from tests.engines import assert_matches_offline, offline
 from tests.live_server import API_MODELS, LiveServer, live_server
 from tests.redis_fixture import RedisServer

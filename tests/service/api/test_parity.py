@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 
 from model_export.verify import random_inputs
-from service.model import RecurrentModel
+from service.engine.model import RecurrentModel
 from tests.engines import assert_matches_offline
 from tests.live_server import API_MODELS, LiveServer
 from tests.service.api.test_http import concat, npz, outputs_of, step

@@ -20,10 +20,10 @@ from websockets.exceptions import ConnectionClosed
 
 from model_export.verify import random_inputs
 from service.api.ws import REPLY_HEADER, Chunk, close_all, decode_binary, encode_result, parse_text
-from service.contract import DataTensor, ModelContract
+from service.engine.contract import DataTensor, ModelContract
+from service.engine.model import RecurrentModel
+from service.engine.scheduler import StepReply
 from service.errors import InvalidInput
-from service.model import RecurrentModel
-from service.scheduler import StepReply
 from tests.engines import assert_matches_offline
 from tests.live_server import API_MODELS, LiveServer, live_server
 from tests.redis_fixture import RedisServer

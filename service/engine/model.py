@@ -23,7 +23,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from service.contract import (
+from service.engine.contract import (
     METADATA_KEY,
     DataTensor,
     DeclaredContract,

@@ -28,8 +28,10 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from service.buckets import padding_ratio, plan_buckets
 from service.config import Settings
+from service.engine.buckets import padding_ratio, plan_buckets
+from service.engine.model import BatchResult, RecurrentModel
+from service.engine.tensors import pack_arrays, states_from_bytes, states_to_bytes, unpack_arrays
 from service.errors import (
     CarryoverError,
     ModelMismatch,
@@ -39,9 +41,7 @@ from service.errors import (
     StepConflict,
 )
 from service.metrics import Metrics
-from service.model import BatchResult, RecurrentModel
-from service.store import SessionRecord, SessionStore, StoreUnavailable, WriteOutcome
-from service.tensors import pack_arrays, states_from_bytes, states_to_bytes, unpack_arrays
+from service.store.store import SessionRecord, SessionStore, StoreUnavailable, WriteOutcome
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 8  # CAS losses (another replica wrote first) before giving up with a conflict

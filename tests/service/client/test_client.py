@@ -12,8 +12,8 @@ import pytest
 
 from model_export.verify import random_inputs
 from service.client import AsyncClient, CarryoverClientError, Client
-from service.client_cli import file_mode, interactive
-from service.model import RecurrentModel
+from service.client.terminal import file_mode, interactive
+from service.engine.model import RecurrentModel
 from tests.engines import assert_matches_offline
 from tests.live_server import LiveServer
 

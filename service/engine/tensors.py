@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 import orjson
 
-from service.contract import ModelContract
+from service.engine.contract import ModelContract
 
 _LE: Literal["<"] = "<"
 

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from model_export.verify import random_inputs
+from service.engine.model import RecurrentModel
+from service.engine.scheduler import Scheduler, StepRequest
 from service.errors import Overloaded, StepConflict, Unavailable
-from service.model import RecurrentModel
-from service.scheduler import Scheduler, StepRequest
 from tests.engines import assert_matches_offline, exported_state, running_engine
 from tests.redis_fixture import RedisServer
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
 
-from service.redis_packing import (
+from service.store.packing import (
     HiredisConnection,
     HiredisSSLConnection,
     HiredisUnixConnection,

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from service.contract import DataTensor, ModelContract
+from service.engine.contract import DataTensor, ModelContract
 from service.errors import InvalidInput
 
 

@@ -1,7 +1,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.buckets import padding_ratio, plan_buckets
+from service.engine.buckets import padding_ratio, plan_buckets
 
 
 def cost(lengths: list[int], groups: list[list[int]], overhead: int) -> int:

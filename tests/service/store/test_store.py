@@ -17,15 +17,15 @@ import orjson
 import pytest
 import redis
 
-from service import embedded_redis as er
-from service.embedded_redis import EmbeddedRedis, EmbeddedRedisError
-from service.store import SessionRecord, SessionStore, StoreUnavailable, WriteOutcome, session_key
+from service.store import embedded as er
+from service.store.embedded import EmbeddedRedis, EmbeddedRedisError
+from service.store.store import SessionRecord, SessionStore, StoreUnavailable, WriteOutcome, session_key
 from tests.redis_fixture import RedisServer
 
 # Fixtures and tests share the session loop (fixtures default to it in pyproject).
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def record(
@@ -429,7 +429,7 @@ async def test_embedded_redis_stops_an_orphan_of_a_dead_service(tmp_path: Path) 
     cleanly (its data kept) instead of running two servers on one AOF."""
     code = (
         "import os, sys, redis; from pathlib import Path;"
-        "from service.embedded_redis import EmbeddedRedis;"
+        "from service.store.embedded import EmbeddedRedis;"
         "e = EmbeddedRedis(Path(sys.argv[1])); e.start();"
         "redis.Redis(unix_socket_path=e.socket_path).set('left', 'behind');"
         "print(e.pid, flush=True); os._exit(0)"

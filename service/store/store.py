@@ -76,9 +76,9 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.embedded_redis import EmbeddedRedis
 from service.errors import Unavailable
-from service.redis_packing import connection_class
+from service.store.embedded import EmbeddedRedis
+from service.store.packing import connection_class
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from service.contract import ModelContractError, parse_state_pair
-from service.model import RecurrentModel, fingerprint, resolve_providers
+from service.engine.contract import ModelContractError, parse_state_pair
+from service.engine.model import RecurrentModel, fingerprint, resolve_providers
 from tests.conftest import Exported
 
 F, B64, BOOL, F64 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL, TensorProto.DOUBLE

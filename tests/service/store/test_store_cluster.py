@@ -13,12 +13,12 @@ import pytest
 import redis
 
 from model_export.verify import random_inputs
-from service.model import RecurrentModel
-from service.store import _SCRIPTS, SessionStore, StoreUnavailable, WriteOutcome, session_key
+from service.engine.model import RecurrentModel
+from service.store.store import _SCRIPTS, SessionStore, StoreUnavailable, WriteOutcome, session_key
 from tests.engines import assert_matches_offline, exported_state, running_engine
 from tests.redis_cluster_fixture import RedisClusterServers, running_cluster
 from tests.redis_fixture import RedisServer
-from tests.service.test_store import advanced, assert_whole, consistent_states, record
+from tests.service.store.test_store import advanced, assert_whole, consistent_states, record
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

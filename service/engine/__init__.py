@@ -1,0 +1,1 @@
+"""The invariant: model contract, padded-batch run, ragged batcher."""
