@@ -13,8 +13,8 @@ from service.config import BUNDLED_MODEL
 
 def _verify(args: argparse.Namespace) -> int:
     from model_export.verify import load_torch_module, verify_model
-    from service.engine.contract import ModelContractError
     from service.engine.model import RecurrentModel
+    from service.errors import ModelContractError
 
     try:
         model = RecurrentModel(args.model, state_pairs=args.state or None, providers=args.providers)

@@ -1,5 +1,7 @@
-"""Typed errors of the session engine. Each carries its HTTP status and a machine ``code``; the
-transports map them to problem+json / WebSocket messages in one place, never case by case."""
+"""The one error catalogue. Request errors derive from ``CarryoverError`` and carry their HTTP
+status and a machine ``code``; ``service/api/problems.py`` maps them, in one place, to
+problem+json, WebSocket messages / close codes and ``/v2`` errors. Start-up errors (a model that
+breaks the contract, an embedded Redis that cannot start) are plain exceptions for the CLI."""
 
 from __future__ import annotations
 
@@ -18,6 +20,16 @@ class CarryoverError(Exception):
     def retry_after(self) -> float | None:
         value = self.extra.get("retry_after")
         return float(value) if isinstance(value, int | float) else None
+
+
+class InvalidJson(CarryoverError):
+    """The body (or WebSocket message) is not valid JSON."""
+
+    status, code, title = 400, "invalid_json", "Malformed JSON"
+
+
+class UnsupportedMediaType(CarryoverError):
+    status, code, title = 415, "unsupported_media_type", "Unsupported media type"
 
 
 class InvalidInput(CarryoverError):
@@ -56,6 +68,13 @@ class TooManySessions(CarryoverError):
     status, code, title = 429, "too_many_sessions", "Too many sessions"
 
 
+class SessionCorrupt(CarryoverError):
+    """The session's stored record cannot be decoded (corrupt, foreign or truncated bytes). Only
+    that session's requests fail; the rest of their batch is answered."""
+
+    status, code, title = 500, "session_corrupt", "Session record unreadable"
+
+
 class Overloaded(CarryoverError):
     status, code, title = 503, "overloaded", "Server overloaded"
 
@@ -69,3 +88,28 @@ class Unavailable(CarryoverError):
     off, retry with ``step`` to learn whether it was)."""
 
     status, code, title = 503, "store_unavailable", "Session store unavailable"
+
+
+class StoreUnavailable(Unavailable):
+    """Redis down / timing out / loading: the 503 (with Retry-After) that reaches every transport
+    unchanged."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
+class NotReady(CarryoverError):
+    """Models still loading or the store not connected yet (or shutting down): readiness fails."""
+
+    status, code, title = 503, "not_ready", "Not ready"
+
+
+# -- start-up errors (not request errors) ---------------------------------------------------------
+
+
+class ModelContractError(ValueError):
+    """A model (or its metadata) breaks the contract. The message names the tensor at fault."""
+
+
+class EmbeddedRedisError(RuntimeError):
+    """The embedded Redis could not be started (no binary, data dir in use, failed to come up)."""

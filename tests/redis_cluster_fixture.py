@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 import redis
 
-from service.store.embedded import EmbeddedRedisError, find_redis_server
+from service.errors import EmbeddedRedisError
+from service.store.embedded import find_redis_server
 from tests.redis_fixture import START_TIMEOUT_S, RedisServer
 
 SLOTS = 16384

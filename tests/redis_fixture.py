@@ -21,7 +21,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from service.store.embedded import EmbeddedRedisError, find_redis_server
+from service.errors import EmbeddedRedisError
+from service.store.embedded import find_redis_server
 
 START_TIMEOUT_S = 60.0  # generous: a loaded 2-core CI box can take a while to exec a process
 

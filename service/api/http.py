@@ -26,7 +26,7 @@ from starlette.responses import Response
 from service.api.middleware import RequestContextMiddleware, request_id_of
 from service.api.problems import PROBLEM_MEDIA_TYPE, error_problem, http_problem, problem, problem_response
 from service.config import Settings
-from service.errors import CarryoverError, InvalidInput, Unavailable
+from service.errors import CarryoverError, InvalidInput, InvalidJson, NotReady, Unavailable, UnsupportedMediaType
 from service.metrics import Metrics
 from service.sessions import CLIENT_ID, SessionInfo, SessionService
 
@@ -38,19 +38,6 @@ NPZ_MEDIA_TYPE = "application/x-npz"
 NPZ_MEDIA_TYPES = frozenset({NPZ_MEDIA_TYPE, "application/octet-stream", "application/zip"})
 MAX_TTL_S = 366 * 86_400
 STEP_FIELDS = frozenset({"inputs", "step"})
-
-
-# -- transport-level errors (the engine's own are in service.errors) ------------------------------
-class InvalidJson(CarryoverError):
-    status, code, title = 400, "invalid_json", "Malformed JSON"
-
-
-class UnsupportedMediaType(CarryoverError):
-    status, code, title = 415, "unsupported_media_type", "Unsupported media type"
-
-
-class NotReady(CarryoverError):
-    status, code, title = 503, "not_ready", "Not ready"
 
 
 # -- schema (OpenAPI) -----------------------------------------------------------------------------

@@ -12,13 +12,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+from service.errors import ModelContractError
+
 METADATA_KEY = "carryover"
 Form = Literal["sequence", "step"]
 Kind = Literal["features", "token_lm"]
-
-
-class ModelContractError(ValueError):
-    """A model (or its metadata) breaks the contract. The message names the tensor at fault."""
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,11 @@ from service.engine.contract import (
     DataTensor,
     DeclaredContract,
     ModelContract,
-    ModelContractError,
     StateTensor,
     parse_metadata,
     parse_state_pair,
 )
+from service.errors import ModelContractError
 
 log = logging.getLogger(__name__)
 

@@ -39,9 +39,10 @@ from service.errors import (
     SessionNotFound,
     ShuttingDown,
     StepConflict,
+    StoreUnavailable,
 )
 from service.metrics import Metrics
-from service.store.store import SessionRecord, SessionStore, StoreUnavailable, WriteOutcome
+from service.store.store import SessionRecord, SessionStore, WriteOutcome
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 8  # CAS losses (another replica wrote first) before giving up with a conflict

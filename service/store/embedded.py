@@ -42,6 +42,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from service.errors import EmbeddedRedisError
+
 log = logging.getLogger(__name__)
 
 # sun_path is 108 bytes on Linux (104 on macOS) including the NUL; keep a margin.
@@ -49,10 +51,6 @@ MAX_SOCKET_PATH = 100
 LOCK_FILE = "embedded.lock"
 OWNER_FILE = "embedded.json"
 LOG_FILE = "redis.log"
-
-
-class EmbeddedRedisError(RuntimeError):
-    """The embedded Redis could not be started (no binary, data dir in use, failed to come up)."""
 
 
 def find_redis_server() -> str:

@@ -76,7 +76,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.errors import Unavailable
+from service.errors import StoreUnavailable
 from service.store.embedded import EmbeddedRedis
 from service.store.packing import connection_class
 
@@ -90,14 +90,6 @@ _PATTERN = f"{KEY_PREFIX}*{KEY_SUFFIX}"  # SCAN MATCH for every session key
 
 def session_key(session_id: str) -> str:
     return f"{KEY_PREFIX}{session_id}{KEY_SUFFIX}"
-
-
-class StoreUnavailable(Unavailable):
-    """Redis down / timing out / loading: the engine's typed 503 (with Retry-After) itself, so it
-    reaches every transport unchanged."""
-
-    def __init__(self, message: str, retry_after: float = 1.0) -> None:
-        super().__init__(message, retry_after=retry_after)
 
 
 class StoreCorrupt(RuntimeError):

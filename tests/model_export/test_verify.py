@@ -79,7 +79,7 @@ def export_t_frozen(path: Path, example_steps: int = 5, keep_t_symbolic: bool = 
 
 
 def test_loading_rejects_a_t_frozen_export_whose_output_shows_it(tmp_path: Path) -> None:
-    from service.engine.contract import ModelContractError
+    from service.errors import ModelContractError
 
     path = export_t_frozen(tmp_path / "frozen.onnx", keep_t_symbolic=False)
     with pytest.raises(ModelContractError, match="output 'y' axis 1 \\(T\\) is fixed to 5"):
@@ -95,7 +95,7 @@ def test_verify_fails_on_a_t_frozen_export(tmp_path: Path) -> None:
 
 
 def test_warm_up_rejects_a_t_frozen_export(tmp_path: Path) -> None:
-    from service.engine.contract import ModelContractError
+    from service.errors import ModelContractError
 
     with pytest.raises(ModelContractError, match="failed its warm-up run at B=1, T=1"):
         RecurrentModel(export_t_frozen(tmp_path / "frozen.onnx"))

@@ -12,8 +12,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from service.engine.contract import ModelContractError, parse_state_pair
+from service.engine.contract import parse_state_pair
 from service.engine.model import RecurrentModel, fingerprint, resolve_providers
+from service.errors import ModelContractError
 from tests.conftest import Exported
 
 F, B64, BOOL, F64 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL, TensorProto.DOUBLE

@@ -17,9 +17,10 @@ import orjson
 import pytest
 import redis
 
+from service.errors import EmbeddedRedisError, StoreUnavailable
 from service.store import embedded as er
-from service.store.embedded import EmbeddedRedis, EmbeddedRedisError
-from service.store.store import SessionRecord, SessionStore, StoreUnavailable, WriteOutcome, session_key
+from service.store.embedded import EmbeddedRedis
+from service.store.store import SessionRecord, SessionStore, WriteOutcome, session_key
 from tests.redis_fixture import RedisServer
 
 # Fixtures and tests share the session loop (fixtures default to it in pyproject).

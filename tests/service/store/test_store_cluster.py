@@ -14,7 +14,8 @@ import redis
 
 from model_export.verify import random_inputs
 from service.engine.model import RecurrentModel
-from service.store.store import _SCRIPTS, SessionStore, StoreUnavailable, WriteOutcome, session_key
+from service.errors import StoreUnavailable
+from service.store.store import _SCRIPTS, SessionStore, WriteOutcome, session_key
 from tests.engines import assert_matches_offline, exported_state, running_engine
 from tests.redis_cluster_fixture import RedisClusterServers, running_cluster
 from tests.redis_fixture import RedisServer
