@@ -1,5 +1,8 @@
 """Small PyTorch models the tests export, with fixed seeds so a factory always returns the same
-weights (``carryover verify --torch-module tests.models:gru_stacked`` relies on that)."""
+weights (``carryover verify --torch-module tests.models:gru_stacked`` relies on that).
+
+Imports torch: only the exporter's tests (``tests/model_export/``) use this module. The server tests
+run from the committed exports of these specs, written by ``python -m tests.make_models``."""
 
 from __future__ import annotations
 
