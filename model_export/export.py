@@ -15,20 +15,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import numpy as np
 import onnx
 import onnx.inliner
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from model_export.cells import CellSpec, StepCell
+from service.engine.carry import BATCH_DIM, Carried, add_carry
+from service.engine.contract import METADATA_KEY, Form
 
-METADATA_KEY = "carryover"
-BATCH_DIM = "B"
 TIME_DIM = "T"
-Form = Literal["sequence", "step"]
 
 
 def contract_metadata(spec: CellSpec, form: Form) -> dict[str, object]:
@@ -149,49 +148,19 @@ def build_sequence_model(step: onnx.ModelProto, spec: CellSpec) -> onnx.ModelPro
         body_nodes.append(n)
 
     types = {vi.name: vi.type for vi in (*g.input, *g.output)}
-    extra_inits: list[TensorProto] = []
 
     def body_value(name: str, src: str) -> onnx.ValueInfoProto:
-        vi = onnx.ValueInfoProto()
-        vi.name = name
-        vi.type.CopyFrom(types[src])
-        return vi
+        return _typed(name, types[src])
 
     body_inputs = [body_value(f"cell/{s.input}", s.input) for s in spec.states]
     body_inputs += [body_value(f"cell/{d.name}", d.name) for d in spec.inputs]
-    body_inputs.append(helper.make_tensor_value_info("mask_t", TensorProto.BOOL, [BATCH_DIM]))
-    body_outputs: list[onnx.ValueInfoProto] = []
-
-    def mask_shape(rank: int, batch_axis: int, key: str) -> str:
-        shape = np.ones(rank, dtype=np.int64)
-        shape[batch_axis] = -1
-        name = f"carryover/mask_shape_{key}"
-        extra_inits.append(numpy_helper.from_array(shape, name))
-        return name
-
-    for i, s in enumerate(spec.states):
-        rank = len(s.shape)
-        shape_name = mask_shape(rank, s.batch_axis, f"state{i}")
-        body_nodes.append(helper.make_node("Reshape", ["mask_t", shape_name], [f"carry/m_state{i}"]))
-        body_nodes.append(
-            helper.make_node(
-                "Where", [f"carry/m_state{i}", f"cell/{s.output}", f"cell/{s.input}"], [f"carry/{s.output}"]
-            )
-        )
-        body_outputs.append(body_value(f"carry/{s.output}", s.output))
-    for i, d in enumerate(spec.outputs):
-        rank = 1 + len(d.shape)
-        shape_name = mask_shape(rank, 0, f"out{i}")
-        zero_name = f"carryover/zero_out{i}"
-        np_dtype = torch.empty((), dtype=d.dtype).numpy().dtype
-        extra_inits.append(numpy_helper.from_array(np.zeros((), dtype=np_dtype), zero_name))
-        body_nodes.append(helper.make_node("Reshape", ["mask_t", shape_name], [f"carry/m_out{i}"]))
-        body_nodes.append(
-            helper.make_node("Where", [f"carry/m_out{i}", f"cell/{d.name}", zero_name], [f"carry/{d.name}"])
-        )
-        body_outputs.append(body_value(f"carry/{d.name}", d.name))
-
+    body_outputs = [body_value(f"cell/{s.output}", s.output) for s in spec.states]
+    body_outputs += [body_value(f"cell/{d.name}", d.name) for d in spec.outputs]
     body = helper.make_graph(body_nodes, "carryover_step", body_inputs, body_outputs)
+    # The body ends in the runtime's own carry; it appends the mask as the last scan input.
+    carried = [Carried(f"cell/{s.output}", len(s.shape), s.batch_axis, keep=f"cell/{s.input}") for s in spec.states]
+    carried += [Carried(f"cell/{d.name}", 1 + len(d.shape), 0, dtype=_numpy_dtype(d.dtype)) for d in spec.outputs]
+    add_carry(body, "mask_t", carried)
 
     def with_time(name: str) -> onnx.ValueInfoProto:
         vi = onnx.ValueInfoProto()
@@ -229,16 +198,25 @@ def build_sequence_model(step: onnx.ModelProto, spec: CellSpec) -> onnx.ModelPro
         + [helper.make_tensor_value_info("mask", TensorProto.BOOL, [BATCH_DIM, TIME_DIM])]
         + [types_vi(s.input, types) for s in spec.states],
         [with_time(d.name) for d in spec.outputs] + [types_vi(s.output, types) for s in spec.states],
-        initializer=[*g.initializer, *extra_inits],
+        initializer=list(g.initializer),
     )
     model = helper.make_model(graph, opset_imports=list(step.opset_import), ir_version=step.ir_version)
     return _finish(model, spec, "sequence", "carryover.model_export")
 
 
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype[Any]:
+    result: np.dtype[Any] = torch.empty((), dtype=dtype).numpy().dtype
+    return result
+
+
 def types_vi(name: str, types: dict[str, onnx.TypeProto]) -> onnx.ValueInfoProto:
+    return _typed(name, types[name])
+
+
+def _typed(name: str, type_: onnx.TypeProto) -> onnx.ValueInfoProto:
     vi = onnx.ValueInfoProto()
     vi.name = name
-    vi.type.CopyFrom(types[name])
+    vi.type.CopyFrom(type_)
     return vi
 
 

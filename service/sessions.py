@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from service.config import Settings
+from service.engine.cas import rewrite
 from service.engine.model import RecurrentModel
 from service.engine.scheduler import Scheduler, StepReply
 from service.engine.tensors import initial_state_bytes, request_digest, states_from_bytes, states_to_bytes
@@ -29,15 +30,13 @@ from service.errors import (
     ModelNotFound,
     SessionExists,
     SessionNotFound,
-    StepConflict,
     TooManySessions,
 )
 from service.metrics import Metrics
-from service.store.store import SessionRecord, SessionStore, WriteOutcome
+from service.store.store import SessionRecord, SessionStore
 
 CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,127}$")
 META_KEYS = ("carryover_step", "carryover_fingerprint", "carryover_model")
-WRITE_ATTEMPTS = 8
 COUNT_CACHE_S = 1.0
 ROUTING_STRIPES = 256
 
@@ -259,22 +258,7 @@ class SessionService:
         self, session_id: str, owner: str, change: Callable[[SessionRecord], SessionRecord]
     ) -> SessionRecord:
         """Read, change, compare-and-set; again if a step (or a replica) wrote in between."""
-        for _ in range(WRITE_ATTEMPTS):
-            current = await self._load(session_id, owner)
-            new = replace(
-                change(current),
-                revision=current.revision + 1,
-                updated_at=time.time(),
-                last_digest="",
-                last_reply=b"",
-                expires_in=float(current.ttl_s),
-            )
-            (outcome,) = await self.store.save([(new, current.revision)])
-            if outcome is WriteOutcome.OK:
-                return new
-            if outcome is WriteOutcome.MISSING:
-                raise SessionNotFound(f"session {session_id!r} was deleted")
-        raise StepConflict(f"session {session_id!r} kept changing; try again")
+        return await rewrite(self.store, self._key(session_id, owner), owner, change, session_id=session_id)
 
     def _info(self, session_id: str, record: SessionRecord) -> SessionInfo:
         return SessionInfo(

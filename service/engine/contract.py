@@ -1,14 +1,18 @@
-"""The recurrent-model contract (DESIGN §1) as plain data: what a served model takes and returns.
+"""The recurrent-model contract (DESIGN §1): what a served model takes and returns.
 
-Pure data and parsing, no ONNX Runtime: ``model.py`` fills it from a loaded graph, and every
-layer above (store, scheduler, sessions, transports) speaks only these types.
+Plain data, the parsing of what a model declares (``carryover`` metadata or ``--state`` pairs),
+and ``build_contract``, which checks a declaration against a graph's signature. No ONNX Runtime
+import: the signature is anything with ``get_inputs()``/``get_outputs()`` (an ORT session in
+``model.py``), and every layer above (store, scheduler, sessions, transports) speaks only these
+types.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -17,6 +21,19 @@ from service.errors import ModelContractError
 METADATA_KEY = "carryover"
 Form = Literal["sequence", "step"]
 Kind = Literal["features", "token_lm"]
+Dim = int | str | None
+
+_ORT_DTYPES: dict[str, Any] = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
 
 
 @dataclass(frozen=True)
@@ -146,3 +163,132 @@ def parse_metadata(raw: str) -> DeclaredContract:
         if not isinstance(unk_id, int) or not 0 <= unk_id < len(vocab):
             raise ModelContractError(f"token_lm metadata 'unk_id' must be an id in [0, {len(vocab)}), not {unk_id!r}")
     return DeclaredContract(form, kind, meta["inputs"], meta["outputs"], mask, pairs, vocab, unk_id)
+
+
+class TensorArg(Protocol):
+    """One graph input or output as ONNX Runtime describes it (``onnxruntime.NodeArg``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def type(self) -> str: ...
+
+    @property
+    def shape(self) -> Sequence[Dim]: ...
+
+
+class GraphSignature(Protocol):
+    """A graph's inputs and outputs (an ``onnxruntime.InferenceSession`` is one)."""
+
+    def get_inputs(self) -> Sequence[TensorArg]: ...
+
+    def get_outputs(self) -> Sequence[TensorArg]: ...
+
+
+def _dtype(ort_type: str, what: str) -> np.dtype[Any]:
+    """The numpy dtype of an ORT type string such as ``tensor(float)``."""
+    if ort_type not in _ORT_DTYPES:
+        raise ModelContractError(f"{what} has unsupported type {ort_type}")
+    dtype: np.dtype[Any] = np.dtype(_ORT_DTYPES[ort_type])
+    return dtype
+
+
+def _static_tail(name: str, shape: list[Dim], dynamic_axes: tuple[int, ...], what: str) -> tuple[int, ...]:
+    """Check that ``dynamic_axes`` are dynamic and every other dim is fixed; return the fixed ones."""
+    for axis in dynamic_axes:
+        if axis >= len(shape):
+            raise ModelContractError(f"{what} {name!r} has rank {len(shape)}; expected an axis {axis}")
+        if isinstance(shape[axis], int):
+            axis_name = "B" if axis == dynamic_axes[0] else "T"
+            raise ModelContractError(
+                f"{what} {name!r} axis {axis} ({axis_name}) is fixed to {shape[axis]}; it must be dynamic"
+            )
+    fixed = []
+    for axis, d in enumerate(shape):
+        if axis in dynamic_axes:
+            continue
+        if not isinstance(d, int):
+            raise ModelContractError(f"{what} {name!r} axis {axis} is dynamic ({d!r}); only B and T may be")
+        fixed.append(d)
+    return tuple(fixed)
+
+
+def declared_from_pairs(pairs: list[str], graph_inputs: list[str], graph_outputs: list[str]) -> DeclaredContract:
+    """Operator-declared pairs (``--state h0:hn``) for a model without metadata: the mask is the
+    input named ``mask`` (sequence form) or absent (step form); everything else is data."""
+    states = [parse_state_pair(p) for p in pairs]
+    mask = "mask" if "mask" in graph_inputs else None
+    state_names = {s[0] for s in states} | {s[1] for s in states}
+    return DeclaredContract(
+        form="sequence" if mask else "step",
+        kind="features",
+        inputs=[n for n in graph_inputs if n not in state_names and n != mask],
+        outputs=[n for n in graph_outputs if n not in state_names],
+        mask=mask,
+        states=states,
+    )
+
+
+def build_contract(declared: DeclaredContract, graph: GraphSignature) -> ModelContract:
+    """Check ``declared`` against the graph's real inputs/outputs; errors name the tensor."""
+    g_in = {i.name: i for i in graph.get_inputs()}
+    g_out = {o.name: o for o in graph.get_outputs()}
+    form = declared.form or ("sequence" if declared.mask else "step")
+    lead = (0, 1) if form == "sequence" else (0,)
+    if form == "sequence" and not declared.mask:
+        raise ModelContractError("a sequence-form model must declare a 'mask' input")
+    if form == "step" and declared.mask:
+        raise ModelContractError(f"a step-form model has no mask, but {declared.mask!r} is declared")
+
+    def data(names: list[str] | None, pool: dict[str, TensorArg], what: str) -> tuple[DataTensor, ...]:
+        out = []
+        for name in names or []:
+            if name not in pool:
+                raise ModelContractError(
+                    f"{what} {name!r} is declared but is not a graph {what} (graph {what}s: {sorted(pool)})"
+                )
+            meta = pool[name]
+            shape = _static_tail(name, list(meta.shape), lead, what)
+            out.append(DataTensor(name, _dtype(meta.type, f"{what} {name!r}"), shape))
+        return tuple(out)
+
+    states = []
+    for s_in, s_out, axis in declared.states:
+        if s_in not in g_in:
+            raise ModelContractError(f"state input {s_in!r} is not a graph input (graph inputs: {sorted(g_in)})")
+        if s_out not in g_out:
+            raise ModelContractError(f"state output {s_out!r} is not a graph output (graph outputs: {sorted(g_out)})")
+        i_meta, o_meta = g_in[s_in], g_out[s_out]
+        if i_meta.type != o_meta.type:
+            raise ModelContractError(f"state {s_in!r} is {i_meta.type} but its output {s_out!r} is {o_meta.type}")
+        if not 0 <= axis < len(i_meta.shape):
+            raise ModelContractError(f"state {s_in!r}: batch_axis {axis} is outside its rank {len(i_meta.shape)}")
+        shape = _static_tail(s_in, list(i_meta.shape), (axis,), "state input")
+        out_shape = _static_tail(s_out, list(o_meta.shape), (axis,), "state output")
+        if shape != out_shape:
+            raise ModelContractError(
+                f"state {s_in!r} has shape {list(i_meta.shape)} but its output {s_out!r} has {list(o_meta.shape)}"
+            )
+        states.append(StateTensor(s_in, s_out, _dtype(i_meta.type, f"state {s_in!r}"), shape, axis))
+    inputs = data(declared.inputs, g_in, "input")
+    outputs = data(declared.outputs, g_out, "output")
+    mask_dtype = np.dtype(np.bool_)
+    if declared.mask:
+        if declared.mask not in g_in:
+            raise ModelContractError(f"mask {declared.mask!r} is not a graph input (graph inputs: {sorted(g_in)})")
+        m = g_in[declared.mask]
+        _static_tail(declared.mask, list(m.shape), (0, 1), "mask")
+        if len(m.shape) != 2 or m.type not in ("tensor(bool)", "tensor(float)"):
+            raise ModelContractError(f"mask {declared.mask!r} must be [B, T] bool or float32, not {m.type} {m.shape}")
+        mask_dtype = _dtype(m.type, "mask")
+    covered = {t.name for t in inputs} | {s.input for s in states} | {declared.mask}
+    if extra := sorted(set(g_in) - covered):
+        raise ModelContractError(f"graph input {extra[0]!r} is not declared as data, mask or state")
+    if declared.kind == "token_lm" and (len(inputs) != 1 or inputs[0].dtype.kind not in "iu" or inputs[0].shape):
+        raise ModelContractError("a token_lm model takes exactly one integer input of shape [B, T]")
+    if not states:
+        raise ModelContractError("a recurrent model needs at least one state pair")
+    return ModelContract(
+        form, declared.kind, inputs, outputs, tuple(states), declared.mask, mask_dtype, declared.vocab, declared.unk_id
+    )

@@ -10,50 +10,22 @@ next step as inputs).
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 
-from service.engine.contract import (
-    METADATA_KEY,
-    DataTensor,
-    DeclaredContract,
-    ModelContract,
-    StateTensor,
-    parse_metadata,
-    parse_state_pair,
-)
+from service.engine.carry import STEP_MASK, with_step_carry
+from service.engine.contract import METADATA_KEY, build_contract, declared_from_pairs, parse_metadata
+from service.engine.providers import resolve_providers
 from service.errors import ModelContractError
 
 log = logging.getLogger(__name__)
-
-_ORT_DTYPES: dict[str, Any] = {
-    "tensor(float)": np.float32,
-    "tensor(double)": np.float64,
-    "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int16)": np.int16,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
-PROVIDER_ALIASES = {
-    "cuda": "CUDAExecutionProvider",
-    "cpu": "CPUExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
-STEP_MASK = "carryover_mask_t"
-Dim = int | str | None
 
 
 @dataclass(frozen=True)
@@ -86,141 +58,6 @@ def _external_locations(model: onnx.ModelProto) -> set[str]:
 
     tensors(model.graph)
     return found
-
-
-def _dtype(ort_type: str, what: str) -> np.dtype[Any]:
-    if ort_type not in _ORT_DTYPES:
-        raise ModelContractError(f"{what} has unsupported type {ort_type}")
-    dtype: np.dtype[Any] = np.dtype(_ORT_DTYPES[ort_type])
-    return dtype
-
-
-def _static_tail(name: str, shape: list[Dim], dynamic_axes: tuple[int, ...], what: str) -> tuple[int, ...]:
-    """Check that ``dynamic_axes`` are dynamic and every other dim is fixed; return the fixed ones."""
-    for axis in dynamic_axes:
-        if axis >= len(shape):
-            raise ModelContractError(f"{what} {name!r} has rank {len(shape)}; expected an axis {axis}")
-        if isinstance(shape[axis], int):
-            axis_name = "B" if axis == dynamic_axes[0] else "T"
-            raise ModelContractError(
-                f"{what} {name!r} axis {axis} ({axis_name}) is fixed to {shape[axis]}; it must be dynamic"
-            )
-    fixed = []
-    for axis, d in enumerate(shape):
-        if axis in dynamic_axes:
-            continue
-        if not isinstance(d, int):
-            raise ModelContractError(f"{what} {name!r} axis {axis} is dynamic ({d!r}); only B and T may be")
-        fixed.append(d)
-    return tuple(fixed)
-
-
-def declared_from_pairs(pairs: list[str], graph_inputs: list[str], graph_outputs: list[str]) -> DeclaredContract:
-    """Operator-declared pairs (``--state h0:hn``) for a model without metadata: the mask is the
-    input named ``mask`` (sequence form) or absent (step form); everything else is data."""
-    states = [parse_state_pair(p) for p in pairs]
-    mask = "mask" if "mask" in graph_inputs else None
-    state_names = {s[0] for s in states} | {s[1] for s in states}
-    return DeclaredContract(
-        form="sequence" if mask else "step",
-        kind="features",
-        inputs=[n for n in graph_inputs if n not in state_names and n != mask],
-        outputs=[n for n in graph_outputs if n not in state_names],
-        mask=mask,
-        states=states,
-    )
-
-
-def build_contract(declared: DeclaredContract, session: ort.InferenceSession) -> ModelContract:
-    """Check ``declared`` against the graph's real inputs/outputs; errors name the tensor."""
-    g_in = {i.name: i for i in session.get_inputs()}
-    g_out = {o.name: o for o in session.get_outputs()}
-    form = declared.form or ("sequence" if declared.mask else "step")
-    lead = (0, 1) if form == "sequence" else (0,)
-    if form == "sequence" and not declared.mask:
-        raise ModelContractError("a sequence-form model must declare a 'mask' input")
-    if form == "step" and declared.mask:
-        raise ModelContractError(f"a step-form model has no mask, but {declared.mask!r} is declared")
-
-    def data(names: list[str] | None, pool: dict[str, Any], what: str) -> tuple[DataTensor, ...]:
-        out = []
-        for name in names or []:
-            if name not in pool:
-                raise ModelContractError(
-                    f"{what} {name!r} is declared but is not a graph {what} (graph {what}s: {sorted(pool)})"
-                )
-            meta = pool[name]
-            shape = _static_tail(name, list(meta.shape), lead, what)
-            out.append(DataTensor(name, _dtype(meta.type, f"{what} {name!r}"), shape))
-        return tuple(out)
-
-    states = []
-    for s_in, s_out, axis in declared.states:
-        if s_in not in g_in:
-            raise ModelContractError(f"state input {s_in!r} is not a graph input (graph inputs: {sorted(g_in)})")
-        if s_out not in g_out:
-            raise ModelContractError(f"state output {s_out!r} is not a graph output (graph outputs: {sorted(g_out)})")
-        i_meta, o_meta = g_in[s_in], g_out[s_out]
-        if i_meta.type != o_meta.type:
-            raise ModelContractError(f"state {s_in!r} is {i_meta.type} but its output {s_out!r} is {o_meta.type}")
-        if not 0 <= axis < len(i_meta.shape):
-            raise ModelContractError(f"state {s_in!r}: batch_axis {axis} is outside its rank {len(i_meta.shape)}")
-        shape = _static_tail(s_in, list(i_meta.shape), (axis,), "state input")
-        out_shape = _static_tail(s_out, list(o_meta.shape), (axis,), "state output")
-        if shape != out_shape:
-            raise ModelContractError(
-                f"state {s_in!r} has shape {list(i_meta.shape)} but its output {s_out!r} has {list(o_meta.shape)}"
-            )
-        states.append(StateTensor(s_in, s_out, _dtype(i_meta.type, f"state {s_in!r}"), shape, axis))
-    inputs = data(declared.inputs, g_in, "input")
-    outputs = data(declared.outputs, g_out, "output")
-    mask_dtype = np.dtype(np.bool_)
-    if declared.mask:
-        if declared.mask not in g_in:
-            raise ModelContractError(f"mask {declared.mask!r} is not a graph input (graph inputs: {sorted(g_in)})")
-        m = g_in[declared.mask]
-        _static_tail(declared.mask, list(m.shape), (0, 1), "mask")
-        if len(m.shape) != 2 or m.type not in ("tensor(bool)", "tensor(float)"):
-            raise ModelContractError(f"mask {declared.mask!r} must be [B, T] bool or float32, not {m.type} {m.shape}")
-        mask_dtype = _dtype(m.type, "mask")
-    covered = {t.name for t in inputs} | {s.input for s in states} | {declared.mask}
-    if extra := sorted(set(g_in) - covered):
-        raise ModelContractError(f"graph input {extra[0]!r} is not declared as data, mask or state")
-    if declared.kind == "token_lm" and (len(inputs) != 1 or inputs[0].dtype.kind not in "iu" or inputs[0].shape):
-        raise ModelContractError("a token_lm model takes exactly one integer input of shape [B, T]")
-    if not states:
-        raise ModelContractError("a recurrent model needs at least one state pair")
-    return ModelContract(
-        form, declared.kind, inputs, outputs, tuple(states), declared.mask, mask_dtype, declared.vocab, declared.unk_id
-    )
-
-
-@functools.cache
-def cuda_library_error() -> str | None:
-    """Why ORT's CUDA provider library cannot load here (None if it can).
-
-    ``get_available_providers()`` lists CUDA whenever onnxruntime-gpu is installed, even with no
-    GPU or CUDA libraries; loading the provider library first tells the truth without ORT's
-    noisy failure log. ``get_providers()`` on the created session still has the last word.
-    """
-    library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
-    try:
-        ctypes.CDLL(str(library))
-    except OSError as e:
-        return str(e)
-    return None
-
-
-def resolve_providers(requested: list[str] | None) -> list[str]:
-    """Requested names (aliases ``cuda``/``cpu`` allowed), or CUDA-then-CPU when CUDA is usable."""
-    if requested:
-        return [PROVIDER_ALIASES.get(p.lower(), p) for p in requested]
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        reason = cuda_library_error()
-        if reason is None:
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        log.info("CUDA execution provider not usable (%s); using CPU", reason)
-    return ["CPUExecutionProvider"]
 
 
 class RecurrentModel:
@@ -264,7 +101,7 @@ class RecurrentModel:
             )
         self.contract = build_contract(declared, probe)
         if self.contract.form == "step":
-            self.session = self._session(_with_carry(onnx.load_model(str(self.path)), self.contract), wanted)
+            self.session = self._session(with_step_carry(onnx.load_model(str(self.path)), self.contract), wanted)
         else:
             self.session = probe if wanted == ["CPUExecutionProvider"] else self._session(str(self.path), wanted)
         self.provider = self.session.get_providers()[0]
@@ -349,28 +186,3 @@ class RecurrentModel:
             device_states = {s.input: values[s.output] for s in c.states}
             host_states = {}
         return outputs, {s.input: device_states[s.input].numpy() for s in c.states}
-
-
-def _with_carry(model: onnx.ModelProto, contract: ModelContract) -> onnx.ModelProto:
-    """A copy of a step-form graph whose outputs already apply the mask for one timestep."""
-    g = model.graph
-    g.input.append(helper.make_tensor_value_info(STEP_MASK, TensorProto.BOOL, ["B"]))
-    renames = {s.output: (f"{s.output}/cell", s.batch_axis, len(s.shape) + 1, s.input) for s in contract.states}
-    for t in contract.outputs:
-        renames[t.name] = (f"{t.name}/cell", 0, len(t.shape) + 1, "")
-    for node in g.node:
-        node.output[:] = [renames[o][0] if o in renames else o for o in node.output]
-        node.input[:] = [renames[i][0] if i in renames else i for i in node.input]
-    for out_name, (cell_name, axis, rank, carried) in renames.items():
-        shape = np.ones(rank, dtype=np.int64)
-        shape[axis] = -1
-        g.initializer.append(numpy_helper.from_array(shape, f"{out_name}/mask_shape"))
-        g.node.append(helper.make_node("Reshape", [STEP_MASK, f"{out_name}/mask_shape"], [f"{out_name}/mask"]))
-        if carried:
-            other = carried
-        else:
-            dtype = next(t.dtype for t in contract.outputs if t.name == out_name)
-            g.initializer.append(numpy_helper.from_array(np.zeros((), dtype), f"{out_name}/zero"))
-            other = f"{out_name}/zero"
-        g.node.append(helper.make_node("Where", [f"{out_name}/mask", cell_name, other], [out_name]))
-    return model

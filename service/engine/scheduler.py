@@ -1,6 +1,7 @@
 """The ragged micro-batcher (DESIGN §3): one per model per process.
 
-It decides *what* runs; ``RecurrentModel`` runs it and ``SessionStore`` keeps the state.
+It decides *what* runs (the policy); ``batch.py`` pads the chosen rows into one batch and slices
+the result back, ``RecurrentModel`` runs it, and ``SessionStore`` keeps the state.
 
 * Requests wait in one arrival-ordered queue (bounded: ``Overloaded`` when full).
 * A batch takes, in arrival order, the first waiting request of each session that is not
@@ -29,7 +30,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from service.config import Settings
+from service.engine.batch import chunk_steps, join_chunks, pad_batch, split_chunks, unpad_rows
 from service.engine.buckets import padding_ratio, plan_buckets
+from service.engine.cas import MAX_ATTEMPTS
 from service.engine.model import BatchResult, RecurrentModel
 from service.engine.tensors import pack_arrays, states_from_bytes, states_to_bytes, unpack_arrays
 from service.errors import (
@@ -45,7 +48,6 @@ from service.metrics import Metrics
 from service.store.store import SessionRecord, SessionStore, WriteOutcome
 
 log = logging.getLogger(__name__)
-MAX_ATTEMPTS = 8  # CAS losses (another replica wrote first) before giving up with a conflict
 PIPELINE_DEPTH = 2  # batches between gather and write: one on the device, one being prepared
 
 
@@ -86,15 +88,6 @@ class StepRequest:
         """Forget progress: nothing of it was written, so the request runs again from Redis."""
         self.next_chunk, self.base, self.states, self.outputs = 0, None, {}, []
         self.attempts += 1
-
-
-def chunk_steps(chunk: dict[str, np.ndarray]) -> int:
-    return int(next(iter(chunk.values())).shape[0])
-
-
-def split_chunks(inputs: dict[str, np.ndarray], max_chunk: int) -> list[dict[str, np.ndarray]]:
-    steps = chunk_steps(inputs)
-    return [{k: v[i : i + max_chunk] for k, v in inputs.items()} for i in range(0, steps, max_chunk)]
 
 
 class Scheduler:
@@ -303,26 +296,15 @@ class Scheduler:
                     self.metrics.batch_seconds.labels(name).observe(time.perf_counter() - started)
                     self.metrics.batch_rows.labels(name).observe(len(members))
                     self.metrics.batch_padding.labels(name).observe(padding_ratio([r.chunk_steps for r in members]))
-                for i, r in enumerate(members):
-                    n = r.chunk_steps
-                    r.outputs.append({k: v[i, :n] for k, v in result.outputs.items()})
-                    r.states = {k: v[i] for k, v in result.states.items()}
+                for r, row in zip(members, unpad_rows(result, [r.chunk_steps for r in members]), strict=True):
+                    r.outputs.append(row.outputs)
+                    r.states = row.states
                     r.next_chunk += 1
 
     def _run_group(self, rows: list[StepRequest]) -> BatchResult:
         """Pad the rows' current chunks to one ``[B, T]`` batch and run it (device thread)."""
-        contract = self.model.contract
-        width = max(r.chunk_steps for r in rows)
-        mask = np.zeros((len(rows), width), bool)
-        inputs = {t.name: np.zeros((len(rows), width, *t.shape), t.dtype) for t in contract.inputs}
-        for i, r in enumerate(rows):
-            chunk = r.chunks[r.next_chunk]
-            n = chunk_steps(chunk)
-            mask[i, :n] = True
-            for name, value in chunk.items():
-                inputs[name][i, :n] = value
-        states = {s.input: np.stack([r.states[s.input] for r in rows]) for s in contract.states}
-        return self.model.run(inputs, mask, states)
+        batch = pad_batch(self.model.contract, [r.chunks[r.next_chunk] for r in rows], [r.states for r in rows])
+        return self.model.run(batch.inputs, batch.mask, batch.states)
 
     async def _write(self, finals: list[StepRequest]) -> None:
         """One pipelined round trip; each session's write is a CAS on the revision it was read at."""
@@ -331,7 +313,7 @@ class Scheduler:
         replies = []
         for r in finals:
             assert r.base is not None
-            outputs = {k: np.concatenate([o[k] for o in r.outputs]) for k in r.outputs[0]}
+            outputs = join_chunks(r.outputs)
             record = replace(
                 r.base,
                 step=r.base.step + r.total_steps,
