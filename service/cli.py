@@ -1,4 +1,5 @@
-"""The ``carryover`` command: ``serve``, ``verify`` (and later ``client``, ``bench``)."""
+"""The ``carryover`` command: ``serve`` (its flags derived from ``Settings``, see ``serve.py``),
+``verify``, ``bench`` and ``client``."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import pytest
 from pydantic import ValidationError
 
 from model_export.verify import random_inputs
-from service.config import Settings
+from service.config import Settings, env_name
 from service.engine.model import RecurrentModel
 from service.serve import settings_cli_source, settings_from_args, settings_table, settings_to_env
 from tests.conftest import Exported
@@ -51,7 +51,10 @@ def test_every_setting_has_a_flag_and_env_var(capsys: pytest.CaptureFixture[str]
         "--data-dir",
     ):
         assert flag in text
-    assert text.count("CARRYOVER_") >= len(Settings.model_fields)
+    text = " ".join(text.split())  # argparse wraps lines
+    for name in Settings.model_fields:
+        assert f"[env: {env_name(name)}]" in text
+    assert text.count("(default: ") == len(Settings.model_fields)
 
 
 def parse(*argv: str) -> Settings:
