@@ -1,4 +1,5 @@
-"""The ``carryover`` command: ``serve``, ``verify`` (and later ``client``, ``bench``)."""
+"""The ``carryover`` command: ``serve`` (its flags derived from ``Settings``, see ``serve.py``),
+``verify``, ``bench`` and ``client``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import logging
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
 from service.config import BUNDLED_MODEL
+from service.errors import UnknownSetting
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -92,7 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except (UnknownSetting, ValidationError, SettingsError) as e:
+        # bad configuration: say what is wrong, as argparse does for a bad flag
+        print(f"carryover {args.command}: {e}", file=sys.stderr)
+        return 2
     return code
 
 

@@ -1,54 +1,83 @@
 """All settings in one typed object (env ``CARRYOVER_*``, CLI flags override). Passed down, never
-read from the environment deep inside."""
+read from the environment deep inside.
+
+The ``carryover serve`` flags are derived from this class by pydantic-settings' own CLI support
+(see ``service/serve.py``): kebab-case field names, plus the shortcuts below for the flags that
+read better than their field names. A field's ``metavar`` (in ``json_schema_extra``) names its
+value in ``--help``.
+"""
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, CliVariadicArg, SettingsConfigDict
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "charlm.onnx"
+ENV_PREFIX = "CARRYOVER_"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CARRYOVER_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="ignore",
+        cli_kebab_case=True,
+        cli_show_env_vars=True,
+        cli_shortcuts={"models": "model", "session-ttl-s": "session-ttl", "redis-timeout-s": "redis-timeout"},
+    )
 
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, description="TCP port")
     workers: int = Field(1, ge=1, description="server processes (each runs its own batcher; state is shared in Redis)")
     models: list[str] = Field(
-        default_factory=lambda: [f"charlm={BUNDLED_MODEL}"],
-        description="NAME=PATH of each served model; the first is the default",
+        [f"charlm={BUNDLED_MODEL}"],
+        description="NAME=PATH of a served model (repeatable; the first is the default)",
+        json_schema_extra={"metavar": "NAME=PATH"},
     )
     state: list[str] = Field(
-        default_factory=list, description="IN:OUT[:BATCH_AXIS] state pairs for models without metadata"
+        [],
+        description="state pair for models without carryover metadata (repeatable)",
+        json_schema_extra={"metavar": "IN:OUT[:AXIS]"},
     )
-    providers: list[str] | None = Field(
-        None, description="execution providers, e.g. cuda cpu (default: CUDA if usable, else CPU)"
+    providers: CliVariadicArg[list[str] | None] = Field(
+        None,
+        description="ONNX Runtime execution providers, e.g. cuda cpu (unset: CUDA if usable, else CPU)",
+        json_schema_extra={"metavar": "PROVIDER"},
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0 = ORT's choice)")
 
-    redis_url: str | None = Field(None, description="redis://, rediss:// or unix:// URL; unset = embedded Redis")
-    data_dir: Path = Field(Path("data"), description="where the embedded Redis keeps its AOF")
-    redis_timeout_s: float = Field(2.0, gt=0, description="socket timeout of Redis calls")
+    redis_url: str | None = Field(
+        None,
+        description="redis://, rediss:// or unix:// URL (any Redis Cluster node works); unset = embedded Redis",
+        json_schema_extra={"metavar": "URL"},
+    )
+    data_dir: Path = Field(
+        Path("data"), description="where the embedded Redis keeps its AOF", json_schema_extra={"metavar": "DIR"}
+    )
+    redis_timeout_s: float = Field(2.0, gt=0, description="socket timeout of Redis calls, in seconds")
     redis_max_connections: int = Field(64, ge=1, description="Redis connections per process; more callers wait")
-    session_ttl_s: int = Field(86_400, ge=1, description="default session TTL, refreshed on every access")
+    session_ttl_s: int = Field(86_400, ge=1, description="default session TTL in seconds, refreshed on every access")
     max_sessions: int = Field(1_000_000, ge=1, description="creating more sessions answers 429")
 
     max_batch_size: int = Field(64, ge=1, description="rows (sessions) per batch")
-    max_batch_tokens: int = Field(8192, ge=1, description="sum of T over a batch")
+    max_batch_tokens: int = Field(8192, ge=1, description="sum of T (timesteps) over a batch")
     max_wait_us: int = Field(2000, ge=0, description="how long to wait for more work, only while the device is busy")
     max_queue: int = Field(4096, ge=1, description="queued requests per model before 503 overloaded")
     max_chunk: int = Field(256, ge=1, description="long requests run in chunks of this many steps")
-    max_steps_per_request: int = Field(16_384, ge=1, description="T limit of one request")
+    max_steps_per_request: int = Field(16_384, ge=1, description="T limit of one request (422 above)")
     bucket_overhead_tokens: int = Field(
         256, ge=0, description="padding worth one extra model call when bucketing by length"
     )
-    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request body / WebSocket message limit")
-    ws_max_in_flight: int = Field(8, ge=1, description="chunks in flight per WebSocket connection")
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="request body / WebSocket message limit (413 / close 1009)"
+    )
+    ws_max_in_flight: int = Field(8, ge=1, description="pipelined chunks per WebSocket connection")
 
     def model_paths(self) -> dict[str, Path]:
+        """``{name: path}`` of the served models, in order (a bare PATH is named by its stem)."""
         out: dict[str, Path] = {}
         for spec in self.models:
             name, sep, path = spec.partition("=")
@@ -56,3 +85,21 @@ class Settings(BaseSettings):
                 path, name = name, Path(name).stem
             out[name] = Path(path)
         return out
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a setting."""
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
+    """One message per ``CARRYOVER_*`` variable that names no setting (pydantic-settings ignores
+    them silently), with the closest real name when there is one."""
+    known = [env_name(name) for name in Settings.model_fields]
+    problems = []
+    for key in sorted(environ):
+        if key.upper().startswith(ENV_PREFIX) and key.upper() not in known:
+            close = difflib.get_close_matches(key.upper(), known, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(f"unknown setting {key}{hint}")
+    return problems

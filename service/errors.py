@@ -113,3 +113,8 @@ class ModelContractError(ValueError):
 
 class EmbeddedRedisError(RuntimeError):
     """The embedded Redis could not be started (no binary, data dir in use, failed to come up)."""
+
+
+class UnknownSetting(ValueError):
+    """A ``CARRYOVER_*`` environment variable names no setting (a typo would otherwise be ignored
+    silently). The message names the closest real setting."""

@@ -1,5 +1,5 @@
-"""``carryover serve``: flags built from ``Settings`` (so ``--help`` documents every setting and
-its ``CARRYOVER_*`` variable), then uvicorn.
+"""``carryover serve``: flags derived from ``Settings`` by pydantic-settings (so ``--help``
+documents every setting, its default and its ``CARRYOVER_*`` variable), then uvicorn.
 
 With no Redis URL the serve process itself starts the embedded Redis and hands its socket URL
 to the workers, so several workers (``--workers N``) share one store, as replicas would.
@@ -10,61 +10,78 @@ WebSockets with 1012 and drains the batchers (their writes included).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import signal
 import socket
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
-from pydantic.fields import FieldInfo
+from pydantic_settings import CliSettingsSource
 
-from service.config import Settings
+from service.config import Settings, env_name, unknown_env_vars
+from service.errors import UnknownSetting
 
 log = logging.getLogger(__name__)
-# Flag names that read better than the field names.
-FLAG_NAMES = {"models": "--model", "session_ttl_s": "--session-ttl", "redis_timeout_s": "--redis-timeout"}
 GRACEFUL_SHUTDOWN_S = 30
 
 
-def _flag(name: str) -> str:
-    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+def settings_cli_source(parser: argparse.ArgumentParser) -> CliSettingsSource[argparse.ArgumentParser]:
+    """Add one flag per setting to ``parser`` (pydantic-settings' CLI support: names, types,
+    help with default and env var) and return the source that turns its parse into settings."""
+    return CliSettingsSource(Settings, root_parser=parser, add_argument_method=_add_argument)
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = Settings.model_construct()  # field defaults only, no environment
+def _add_argument(parser: Any, *names: str, **kwargs: Any) -> Any:
+    # The one thing pydantic-settings cannot derive: a readable name for a value in --help.
+    field = Settings.model_fields.get(str(kwargs.get("dest")))
+    extra = field.json_schema_extra if field is not None else None
+    if isinstance(extra, dict) and "metavar" in extra:
+        kwargs["metavar"] = extra["metavar"]
+    return parser.add_argument(*names, **kwargs)
+
+
+def settings_from_args(
+    source: CliSettingsSource[argparse.ArgumentParser],
+    args: argparse.Namespace,
+) -> Settings:
+    """The settings of a parse: flags over ``CARRYOVER_*`` variables over defaults. An unknown
+    ``CARRYOVER_*`` variable is an error (:class:`UnknownSetting`), like an unknown flag."""
+    problems = unknown_env_vars(os.environ)
+    if problems:
+        raise UnknownSetting("; ".join(problems))
+    given = {name: value for name, value in vars(args).items() if name in Settings.model_fields}
+    return Settings(_cli_settings_source=source(parsed_args=given))
+
+
+def settings_table() -> str:
+    """README.md's configuration table (Markdown), generated from ``Settings`` and its flags;
+    a test checks that the README holds exactly this table."""
+    parser = argparse.ArgumentParser()
+    settings_cli_source(parser)
+    flags = {a.dest: a.option_strings for a in parser._actions if a.dest in Settings.model_fields}
+    rows = ["| flag | environment variable | default | meaning |", "|---|---|---|---|"]
     for name, field in Settings.model_fields.items():
-        default = getattr(defaults, name)
-        default = str(default) if isinstance(default, os.PathLike) else default
-        env = f"CARRYOVER_{name.upper()}"
-        help_text = f"{field.description} (default: {default!r}; env {env})"
-        if _is_list(field):
-            action = "append" if name in ("models", "state") else None
-            if action:
-                parser.add_argument(
-                    _flag(name),
-                    dest=name,
-                    action="append",
-                    help=help_text,
-                    metavar="NAME=PATH" if name == "models" else "IN:OUT[:AXIS]",
-                )
-            else:
-                parser.add_argument(_flag(name), dest=name, nargs="+", help=help_text)
-        else:
-            parser.add_argument(_flag(name), dest=name, help=help_text, metavar=name.upper())
+        flag = ", ".join(f"`{f}`" for f in flags[name])
+        default = _show_default(field.get_default(call_default_factory=True))
+        meaning = (field.description or "").replace("|", "\\|")
+        rows.append(f"| {flag} | `{env_name(name)}` | {default} | {meaning} |")
+    return "\n".join(rows) + "\n"
 
 
-def _is_list(field: FieldInfo) -> bool:
-    return "list" in str(field.annotation)
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    given = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
-    base = Settings()  # environment and defaults
-    merged = base.model_dump() | given
-    return Settings.model_validate(merged)
+def _show_default(value: Any) -> str:
+    if value is None:
+        return "unset"
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        return "none"
+    # paths inside the package, as they are in a checkout
+    root = str(Path(__file__).resolve().parents[1]) + os.sep
+    return ", ".join(f"`{str(item).replace(root, '')}`" for item in items)
 
 
 def settings_to_env(settings: Settings) -> dict[str, str]:
@@ -73,7 +90,7 @@ def settings_to_env(settings: Settings) -> dict[str, str]:
     for name, value in settings.model_dump(mode="json").items():
         if value is None:
             continue
-        env[f"CARRYOVER_{name.upper()}"] = json.dumps(value) if isinstance(value, list) else str(value)
+        env[env_name(name)] = json.dumps(value) if isinstance(value, list) else str(value)
     return env
 
 
@@ -147,8 +164,8 @@ def run(settings: Settings) -> None:
             embedded.stop()
 
 
-def _serve(args: argparse.Namespace) -> int:
-    run(settings_from_args(args))
+def _serve(source: CliSettingsSource[argparse.ArgumentParser], args: argparse.Namespace) -> int:
+    run(settings_from_args(source, args))
     return 0
 
 
@@ -159,5 +176,4 @@ def add_serve_parser(sub: Any) -> None:
         description="Serve recurrent models over HTTP and WebSocket. Every flag can also be "
         "set with its CARRYOVER_* environment variable.",
     )
-    add_settings_arguments(serve)
-    serve.set_defaults(func=_serve)
+    serve.set_defaults(func=functools.partial(_serve, settings_cli_source(serve)))

@@ -14,11 +14,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from model_export.verify import random_inputs
-from service.config import Settings
+from service.config import Settings, env_name
 from service.engine.model import RecurrentModel
-from service.serve import add_settings_arguments, settings_from_args, settings_to_env
+from service.serve import settings_cli_source, settings_from_args, settings_table, settings_to_env
 from tests.conftest import Exported
 from tests.engines import assert_matches_offline
 from tests.redis_fixture import RedisServer, free_port
@@ -50,17 +51,22 @@ def test_every_setting_has_a_flag_and_env_var(capsys: pytest.CaptureFixture[str]
         "--data-dir",
     ):
         assert flag in text
-    assert text.count("CARRYOVER_") >= len(Settings.model_fields)
+    text = " ".join(text.split())  # argparse wraps lines
+    for name in Settings.model_fields:
+        assert f"[env: {env_name(name)}]" in text
+    assert text.count("(default: ") == len(Settings.model_fields)
+
+
+def parse(*argv: str) -> Settings:
+    parser = argparse.ArgumentParser()
+    source = settings_cli_source(parser)
+    return settings_from_args(source, parser.parse_args(argv))
 
 
 def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    parser = argparse.ArgumentParser()
-    add_settings_arguments(parser)
     monkeypatch.setenv("CARRYOVER_MAX_BATCH_SIZE", "7")
     monkeypatch.setenv("CARRYOVER_PORT", "9001")
-    s = settings_from_args(
-        parser.parse_args(["--port", "9002", "--model", "a=/x.onnx", "--model", "b=/y.onnx", "--providers", "cpu"])
-    )
+    s = parse("--port", "9002", "--model", "a=/x.onnx", "--model", "b=/y.onnx", "--providers", "cpu")
     assert (s.port, s.max_batch_size, s.providers) == (9002, 7, ["cpu"])
     assert s.model_paths() == {"a": Path("/x.onnx"), "b": Path("/y.onnx")}
     # and the workers rebuild exactly these settings from the environment
@@ -68,6 +74,42 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in settings_to_env(s).items():
         monkeypatch.setenv(key, value)
     assert Settings() == s
+
+
+def test_flag_names_and_list_forms() -> None:
+    s = parse(
+        *("--session-ttl", "60", "--redis-timeout", "0.5", "--max-batch-size", "3", "--data-dir", "/d"),
+        *("--state", "h0:hn", "--state", "c0:cn:1", "--providers", "cuda", "cpu", "--workers", "2"),
+    )
+    assert (s.session_ttl_s, s.redis_timeout_s, s.max_batch_size, s.data_dir, s.workers) == (60, 0.5, 3, Path("/d"), 2)
+    assert (s.state, s.providers) == (["h0:hn", "c0:cn:1"], ["cuda", "cpu"])
+    assert s.models == Settings().models  # the default when no --model is given
+    assert parse("--models", '["a=/x.onnx", "b=/y.onnx"]').models == parse("--model", "a=/x.onnx,b=/y.onnx").models
+    assert parse("--session-ttl-s", "5", "--redis-url", "redis://r:6379/0").redis_url == "redis://r:6379/0"
+    with pytest.raises(ValidationError):
+        parse("--session-ttl", "soon")  # `carryover serve` prints it and exits 2
+    with pytest.raises(SystemExit):
+        parse("--no-such-flag", "1")
+
+
+def test_an_unknown_environment_variable_stops_serve(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli import main
+
+    monkeypatch.setenv("CARRYOVER_SESSION_TTL", "60")  # the real name ends in _S
+    assert main(["serve", "--port", "1"]) == 2
+    assert "unknown setting CARRYOVER_SESSION_TTL (did you mean CARRYOVER_SESSION_TTL_S?)" in capsys.readouterr().err
+    monkeypatch.delenv("CARRYOVER_SESSION_TTL")
+    monkeypatch.setenv("CARRYOVER_MAX_BATCH_SIZE", "lots")  # a bad value: a message, not a traceback
+    assert main(["serve", "--port", "1"]) == 2
+    assert "max_batch_size" in capsys.readouterr().err
+
+
+def test_readme_configuration_table_matches_settings() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = settings_table()
+    assert table in readme, f"regenerate README.md's configuration table from settings_table():\n{table}"
 
 
 class ServeProcess:
