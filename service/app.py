@@ -27,7 +27,7 @@ def load_models(settings: Settings) -> dict[str, RecurrentModel]:
         name: RecurrentModel(
             path,
             name=name,
-            state_pairs=settings.state or None,
+            flags=settings.model_flags(name),
             providers=settings.providers,
             intra_op_threads=settings.intra_op_threads,
         )

@@ -1,5 +1,5 @@
 """The ``carryover`` command: ``serve`` (its flags derived from ``Settings``, see ``serve.py``),
-``verify``, ``bench`` and ``client``."""
+``verify``, ``inspect``, ``bench`` and ``client``."""
 
 from __future__ import annotations
 
@@ -12,17 +12,23 @@ from pathlib import Path
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from service.config import BUNDLED_MODEL
-from service.errors import UnknownSetting
+from service.config import BUNDLED_MODEL, model_flags
+from service.engine.contract import FlagDeclaration
+from service.errors import ModelContractError, UnknownSetting
+
+
+def _flags(args: argparse.Namespace) -> FlagDeclaration:
+    """``--state``/``--mask``/``--form`` of a one-model command (a ``MODEL=`` prefix must name it)."""
+    name = args.model.stem
+    return model_flags(name, [name], args.state or [], args.mask or [], args.form or [])
 
 
 def _verify(args: argparse.Namespace) -> int:
     from model_export.verify import load_torch_module, verify_model
     from service.engine.model import RecurrentModel
-    from service.errors import ModelContractError
 
     try:
-        model = RecurrentModel(args.model, state_pairs=args.state or None, providers=args.providers)
+        model = RecurrentModel(args.model, flags=_flags(args), providers=args.providers)
     except ModelContractError as e:
         print(f"verify {args.model}: FAILED\n  the model breaks the contract: {e}")
         return 1
@@ -37,6 +43,34 @@ def _verify(args: argparse.Namespace) -> int:
     )
     print(report.render())
     return 0 if report.ok else 1
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import onnxruntime as ort
+
+    from service.engine.contract import METADATA_KEY
+    from service.engine.inspect import inspect_signature, render
+    from service.engine.model import RecurrentModel
+
+    try:
+        graph = ort.InferenceSession(str(args.model), providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT's own Fail/InvalidGraph/NoSuchFile types
+        print(f"inspect {args.model}: cannot be loaded by ONNX Runtime: {e}")
+        return 1
+    metadata = graph.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    found = inspect_signature(graph)
+    print(render(found, args.model, args.model.stem, metadata))
+    if metadata is None and not found.pairs:
+        return 1
+    flags = FlagDeclaration(tuple(f"{i}:{o}:{a}" for i, o, a in found.pairs), found.mask, found.form)
+    try:
+        model = RecurrentModel(args.model, flags=flags)
+    except ModelContractError as e:
+        print(f"  check: the loader refuses it: {e}")
+        return 1
+    shapes = ", ".join(f"{t.name} [B, T, {', '.join(map(str, t.shape))}]" for t in model.contract.outputs)
+    print(f"  check: loads and runs at B=1, 2 and T=1, 3 ({model.contract.form} form; outputs {shapes})")
+    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -69,12 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--state", action="append", metavar="IN:OUT[:AXIS]", help="state pair for models without metadata"
     )
+    verify.add_argument("--mask", action="append", metavar="NAME", help="mask input of a model without metadata")
+    verify.add_argument(
+        "--form", action="append", choices=["sequence", "step"], help="form of a model without metadata"
+    )
     verify.add_argument("--providers", nargs="+", help="execution providers, e.g. cuda cpu")
     verify.add_argument("--sequences", type=int, default=8)
     verify.add_argument("--max-len", type=int, default=40)
     verify.add_argument("--seed", type=int, default=0)
     verify.add_argument("--tolerance", type=float, default=1e-5)
     verify.set_defaults(func=_verify)
+
+    inspect = sub.add_parser(
+        "inspect",
+        help="show a model's inputs, outputs and guessed contract, with the serve flags it needs",
+        description="Lists the graph's inputs and outputs; for a model without carryover metadata, "
+        "the state pairs, mask and form found, the exact serve command and the metadata to annotate.",
+    )
+    inspect.add_argument("model", type=Path, help="ONNX file")
+    inspect.set_defaults(func=_inspect)
 
     bench = sub.add_parser(
         "bench",

@@ -16,6 +16,9 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, CliVariadicArg, SettingsConfigDict
 
+from service.engine.contract import FlagDeclaration, Form
+from service.errors import ModelContractError
+
 BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "charlm.onnx"
 ENV_PREFIX = "CARRYOVER_"
 
@@ -39,8 +42,18 @@ class Settings(BaseSettings):
     )
     state: list[str] = Field(
         [],
-        description="state pair for models without carryover metadata (repeatable)",
-        json_schema_extra={"metavar": "IN:OUT[:AXIS]"},
+        description="state pair for models without carryover metadata (repeatable; MODEL= prefix: that model only)",
+        json_schema_extra={"metavar": "[MODEL=]IN:OUT[:AXIS]"},
+    )
+    mask: list[str] = Field(
+        [],
+        description="mask input of a model without metadata (unset: the input named mask; MODEL= prefix)",
+        json_schema_extra={"metavar": "[MODEL=]NAME"},
+    )
+    form: list[str] = Field(
+        [],
+        description="sequence or step, for a model without metadata (unset: sequence with a mask; MODEL= prefix)",
+        json_schema_extra={"metavar": "[MODEL=]FORM"},
     )
     providers: CliVariadicArg[list[str] | None] = Field(
         None,
@@ -85,6 +98,37 @@ class Settings(BaseSettings):
                 path, name = name, Path(name).stem
             out[name] = Path(path)
         return out
+
+    def model_flags(self, name: str) -> FlagDeclaration:
+        """The ``--state``/``--mask``/``--form`` flags that apply to model ``name``: the ones
+        prefixed ``name=`` if it has any for that flag, else the unprefixed ones."""
+        return model_flags(name, list(self.model_paths()), self.state, self.mask, self.form)
+
+
+def _scoped(specs: list[str], name: str, models: list[str], flag: str) -> list[str]:
+    """The values of ``specs`` that apply to ``name``; a prefix naming no served model is an error."""
+    own, shared = [], []
+    for spec in specs:
+        prefix, sep, value = spec.partition("=")
+        if not sep:
+            shared.append(spec)
+            continue
+        if prefix not in models:
+            raise ModelContractError(f"{flag} {spec!r} names model {prefix!r}, which is not served (models: {models})")
+        if prefix == name:
+            own.append(value)
+    return own or shared
+
+
+def model_flags(name: str, models: list[str], state: list[str], mask: list[str], form: list[str]) -> FlagDeclaration:
+    """See :meth:`Settings.model_flags`; also what ``carryover verify`` uses for its one model."""
+    masks, forms = _scoped(mask, name, models, "--mask"), _scoped(form, name, models, "--form")
+    if len(masks) > 1 or len(forms) > 1:
+        raise ModelContractError(f"model {name!r} is given more than one --mask or --form")
+    if forms and forms[0] not in ("sequence", "step"):
+        raise ModelContractError(f"--form {forms[0]!r} for model {name!r} must be sequence or step")
+    chosen: Form | None = "step" if forms == ["step"] else "sequence" if forms else None
+    return FlagDeclaration(tuple(_scoped(state, name, models, "--state")), masks[0] if masks else None, chosen)
 
 
 def env_name(field: str) -> str:

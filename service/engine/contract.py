@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -22,6 +22,7 @@ METADATA_KEY = "carryover"
 Form = Literal["sequence", "step"]
 Kind = Literal["features", "token_lm"]
 Dim = int | str | None
+UNKNOWN = -1  # an output dim the graph leaves symbolic (e.g. after a Loop); resolved at warm-up
 
 _ORT_DTYPES: dict[str, Any] = {
     "tensor(float)": np.float32,
@@ -38,7 +39,8 @@ _ORT_DTYPES: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class DataTensor:
-    """A data input or output; ``shape`` is per timestep (no B, no T axis)."""
+    """A data input or output; ``shape`` is per timestep (no B, no T axis). An output's dim may be
+    ``UNKNOWN`` until the model's warm-up run has measured it."""
 
     name: str
     dtype: np.dtype[Any]
@@ -83,6 +85,7 @@ class ModelContract:
     mask_dtype: np.dtype[Any] = field(default_factory=lambda: np.dtype(np.bool_))
     vocab: tuple[str, ...] | None = None
     unk_id: int | None = None
+    unmeasured: bool = False  # some output dim is symbolic in the graph: the warm-up must measure it
 
     def input(self, name: str) -> DataTensor:
         return next(t for t in self.inputs if t.name == name)
@@ -214,20 +217,69 @@ def _static_tail(name: str, shape: list[Dim], dynamic_axes: tuple[int, ...], wha
     return tuple(fixed)
 
 
-def declared_from_pairs(pairs: list[str], graph_inputs: list[str], graph_outputs: list[str]) -> DeclaredContract:
-    """Operator-declared pairs (``--state h0:hn``) for a model without metadata: the mask is the
-    input named ``mask`` (sequence form) or absent (step form); everything else is data."""
+@dataclass(frozen=True)
+class FlagDeclaration:
+    """What the operator names on the command line for a model without metadata
+    (``--state IN:OUT[:AXIS]``, ``--mask NAME``, ``--form sequence|step``)."""
+
+    state: tuple[str, ...] = ()
+    mask: str | None = None
+    form: Form | None = None
+
+
+def declared_from_pairs(
+    pairs: Sequence[str],
+    graph_inputs: list[str],
+    graph_outputs: list[str],
+    *,
+    mask: str | None = None,
+    form: Form | None = None,
+) -> DeclaredContract:
+    """Operator-declared pairs (``--state h0:hn``) for a model without metadata. The mask is
+    ``mask`` when given, else the input named ``mask`` unless the form is ``step``; the form is
+    ``form`` when given, else sequence with a mask and step without; everything else is data."""
     states = [parse_state_pair(p) for p in pairs]
-    mask = "mask" if "mask" in graph_inputs else None
+    if mask is None and form != "step" and "mask" in graph_inputs:
+        mask = "mask"
     state_names = {s[0] for s in states} | {s[1] for s in states}
     return DeclaredContract(
-        form="sequence" if mask else "step",
+        form=form or ("sequence" if mask else "step"),
         kind="features",
         inputs=[n for n in graph_inputs if n not in state_names and n != mask],
         outputs=[n for n in graph_outputs if n not in state_names],
         mask=mask,
         states=states,
     )
+
+
+def _output_tail(name: str, shape: list[Dim], lead: tuple[int, ...], what: str) -> tuple[int, ...]:
+    """An output's dims without its ``lead`` (B[, T]) axes. Symbolic dims become ``UNKNOWN``:
+    exporters leave them on ``Loop`` outputs, which is normal; the warm-up run measures them."""
+    if len(shape) < len(lead) or not shape:
+        raise ModelContractError(
+            f"{what} {name!r} has rank {len(shape)} in the graph; expected at least {len(lead)} "
+            "(a graph without output shapes needs ONNX shape inference first)"
+        )
+    return tuple(d if isinstance(d, int) else UNKNOWN for axis, d in enumerate(shape) if axis not in lead)
+
+
+def _fits(declared: tuple[int, ...], real: tuple[int, ...]) -> bool:
+    """Whether ``real`` dims agree with ``declared`` ones, where ``UNKNOWN`` (either side) matches anything."""
+    return len(declared) == len(real) and all(UNKNOWN in (d, r) or d == r for d, r in zip(declared, real, strict=True))
+
+
+def resolve_outputs(contract: ModelContract, outputs: dict[str, tuple[int, ...]]) -> ModelContract:
+    """``contract`` with its data outputs' shapes as measured (``outputs``: name -> per-step
+    shape); a measured shape that disagrees with the graph's fixed dims is named."""
+    resolved = []
+    for t in contract.outputs:
+        real = outputs[t.name]
+        if not _fits(t.shape, real):
+            raise ModelContractError(
+                f"output {t.name!r} has per-step shape {list(real)} at run time; the graph declares {list(t.shape)}"
+            )
+        resolved.append(DataTensor(t.name, t.dtype, real))
+    return replace(contract, outputs=tuple(resolved), unmeasured=False)
 
 
 def build_contract(declared: DeclaredContract, graph: GraphSignature) -> ModelContract:
@@ -249,11 +301,15 @@ def build_contract(declared: DeclaredContract, graph: GraphSignature) -> ModelCo
                     f"{what} {name!r} is declared but is not a graph {what} (graph {what}s: {sorted(pool)})"
                 )
             meta = pool[name]
-            shape = _static_tail(name, list(meta.shape), lead, what)
+            if what == "input":
+                shape = _static_tail(name, list(meta.shape), lead, what)
+            else:
+                shape = _output_tail(name, list(meta.shape), lead, what)
             out.append(DataTensor(name, _dtype(meta.type, f"{what} {name!r}"), shape))
         return tuple(out)
 
     states = []
+    symbolic = False
     for s_in, s_out, axis in declared.states:
         if s_in not in g_in:
             raise ModelContractError(f"state input {s_in!r} is not a graph input (graph inputs: {sorted(g_in)})")
@@ -265,8 +321,9 @@ def build_contract(declared: DeclaredContract, graph: GraphSignature) -> ModelCo
         if not 0 <= axis < len(i_meta.shape):
             raise ModelContractError(f"state {s_in!r}: batch_axis {axis} is outside its rank {len(i_meta.shape)}")
         shape = _static_tail(s_in, list(i_meta.shape), (axis,), "state input")
-        out_shape = _static_tail(s_out, list(o_meta.shape), (axis,), "state output")
-        if shape != out_shape:
+        out_tail = _output_tail(s_out, list(o_meta.shape), (axis,), "state output")
+        symbolic |= UNKNOWN in out_tail
+        if not _fits(shape, out_tail):
             raise ModelContractError(
                 f"state {s_in!r} has shape {list(i_meta.shape)} but its output {s_out!r} has {list(o_meta.shape)}"
             )
@@ -289,6 +346,16 @@ def build_contract(declared: DeclaredContract, graph: GraphSignature) -> ModelCo
         raise ModelContractError("a token_lm model takes exactly one integer input of shape [B, T]")
     if not states:
         raise ModelContractError("a recurrent model needs at least one state pair")
+    symbolic |= any(UNKNOWN in t.shape for t in outputs)
     return ModelContract(
-        form, declared.kind, inputs, outputs, tuple(states), declared.mask, mask_dtype, declared.vocab, declared.unk_id
+        form,
+        declared.kind,
+        inputs,
+        outputs,
+        tuple(states),
+        declared.mask,
+        mask_dtype,
+        declared.vocab,
+        declared.unk_id,
+        unmeasured=symbolic,
     )

@@ -21,7 +21,14 @@ import onnxruntime as ort
 from onnx import TensorProto
 
 from service.engine.carry import STEP_MASK, with_step_carry
-from service.engine.contract import METADATA_KEY, build_contract, declared_from_pairs, parse_metadata
+from service.engine.contract import (
+    METADATA_KEY,
+    FlagDeclaration,
+    build_contract,
+    declared_from_pairs,
+    parse_metadata,
+    resolve_outputs,
+)
 from service.engine.providers import resolve_providers
 from service.errors import ModelContractError
 
@@ -60,6 +67,13 @@ def _external_locations(model: onnx.ModelProto) -> set[str]:
     return found
 
 
+def _graph_layout(shape: tuple[int, ...], batch_axis: int) -> list[int]:
+    """A batch-first shape as the graph lays it out (the batch at ``batch_axis``)."""
+    dims = list(shape[1:])
+    dims.insert(batch_axis, shape[0])
+    return dims
+
+
 class RecurrentModel:
     """A loaded, validated model. Thread-safe for concurrent ``run`` calls (ORT sessions are)."""
 
@@ -69,6 +83,7 @@ class RecurrentModel:
         *,
         name: str | None = None,
         state_pairs: list[str] | None = None,
+        flags: FlagDeclaration | None = None,
         providers: list[str] | None = None,
         intra_op_threads: int = 0,
         warm_up: bool = True,
@@ -89,11 +104,16 @@ class RecurrentModel:
             raise ModelContractError(f"model {self.name!r} cannot be loaded by ONNX Runtime: {e}") from e
         self.fingerprint = fingerprint(self.path)
         raw_meta = probe.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        flags = flags or FlagDeclaration(tuple(state_pairs or ()))
         if raw_meta is not None:
             declared = parse_metadata(raw_meta)
-        elif state_pairs:
+        elif flags.state:
             declared = declared_from_pairs(
-                state_pairs, [i.name for i in probe.get_inputs()], [o.name for o in probe.get_outputs()]
+                flags.state,
+                [i.name for i in probe.get_inputs()],
+                [o.name for o in probe.get_outputs()],
+                mask=flags.mask,
+                form=flags.form,
             )
         else:
             raise ModelContractError(
@@ -114,7 +134,8 @@ class RecurrentModel:
             self.provider,
             self.fingerprint[:12],
         )
-        if warm_up:
+        # Outputs the graph leaves symbolic are measured by the warm-up, so it runs regardless.
+        if warm_up or self.contract.unmeasured:
             self._warm_up()
 
     def _session(self, model: str | onnx.ModelProto, providers: list[str]) -> ort.InferenceSession:
@@ -122,14 +143,34 @@ class RecurrentModel:
         return ort.InferenceSession(source, self._options, providers=providers)
 
     def _warm_up(self) -> None:
+        """Run B=1, T=1 and B=2, T=3; check every output's real shape against the contract and
+        fill in the dims the graph left symbolic. Errors name the tensor."""
         for batch, steps in ((1, 1), (2, 3)):
             inputs = {t.name: np.zeros((batch, steps, *t.shape), t.dtype) for t in self.contract.inputs}
             try:
-                self.run(inputs, np.ones((batch, steps), bool), self.contract.initial_states(batch))
+                result = self.run(inputs, np.ones((batch, steps), bool), self.contract.initial_states(batch))
             except Exception as e:  # e.g. a graph whose time loop was frozen at export
                 raise ModelContractError(
                     f"model {self.name!r} failed its warm-up run at B={batch}, T={steps}: {e}"
                 ) from e
+            where = f"model {self.name!r} at B={batch}, T={steps}:"
+            for s in self.contract.states:
+                real = result.states[s.input].shape
+                if real != (batch, *s.shape):
+                    raise ModelContractError(
+                        f"{where} state output {s.output!r} has shape {_graph_layout(real, s.batch_axis)}; "
+                        f"its input {s.input!r} has {_graph_layout((batch, *s.shape), s.batch_axis)}"
+                    )
+            measured = {}
+            for t in self.contract.outputs:
+                real = result.outputs[t.name].shape
+                if real[:2] != (batch, steps):
+                    raise ModelContractError(f"{where} output {t.name!r} has shape {list(real)}; expected [B, T, ...]")
+                measured[t.name] = tuple(real[2:])
+            try:
+                self.contract = resolve_outputs(self.contract, measured)
+            except ModelContractError as e:
+                raise ModelContractError(f"{where} {e}") from None
 
     def run(self, inputs: dict[str, np.ndarray], mask: np.ndarray, states: dict[str, np.ndarray]) -> BatchResult:
         """Run one padded batch. Rows where ``mask`` is False keep their state and output zeros."""
@@ -173,7 +214,7 @@ class RecurrentModel:
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         c = self.contract
         batch, steps = mask.shape
-        outputs = {t.name: np.zeros((batch, steps, *t.shape), t.dtype) for t in c.outputs}
+        outputs: dict[str, np.ndarray] = {}
         device_states: dict[str, ort.OrtValue] = {}
         host_states: dict[str, np.ndarray] = dict(states)
         for t in range(steps):
@@ -182,7 +223,10 @@ class RecurrentModel:
             feeds.update(host_states)
             values = self._run_bound(feeds, device_states)
             for o in c.outputs:
-                outputs[o.name][:, t] = values[o.name].numpy()
+                value = values[o.name].numpy()
+                if o.name not in outputs:  # allocated from the first step: the graph may leave dims symbolic
+                    outputs[o.name] = np.zeros((batch, steps, *value.shape[1:]), o.dtype)
+                outputs[o.name][:, t] = value
             device_states = {s.input: values[s.output] for s in c.states}
             host_states = {}
         return outputs, {s.input: device_states[s.input].numpy() for s in c.states}
