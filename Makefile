@@ -8,7 +8,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 RUN_STAMP := $(VENV)/.runtime-stamp
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint typecheck clean
+.PHONY: install run test lint typecheck system-deps clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -35,7 +35,19 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-test: lint typecheck
+# Debian packages the tests drive as real peers: Chromium for the web page, nginx to check the load
+# balancer's config. Installed once when missing (root on Debian); elsewhere install them yourself.
+SYSTEM_DEPS := /usr/bin/chromium:chromium /usr/sbin/nginx:nginx-light
+system-deps:
+	@missing=""; for dep in $(SYSTEM_DEPS); do [ -x "$${dep%%:*}" ] || missing="$$missing $${dep#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$missing (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing system packages:$$missing (install them to run every test)"; fi; \
+	fi
+
+test: lint typecheck system-deps
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 clean:
