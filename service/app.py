@@ -1,8 +1,9 @@
 """Composition: builds the FastAPI app from the parts. No business logic here.
 
-``app.state`` holds, for the app's lifetime: ``settings``, ``metrics``, ``store``, ``sessions``
-(the ``SessionService``), ``ready`` (models loaded and store connected), ``shutting_down``, and
-``websockets`` (open WebSocket connections, closed with 1012 on shutdown).
+``app.state.carryover`` holds the typed ``AppState`` (``service.api.state``) for the app's
+lifetime: settings, metrics, the ``SessionService`` once started, readiness, and the open
+WebSocket streams. Its idempotent ``drain()`` is the one drain: the lifespan's shutdown calls it,
+and so does ``service.serve.DrainingServer`` before uvicorn closes WebSockets itself.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from collections.abc import AsyncIterator, Mapping
 
 from fastapi import FastAPI
 
+from service.api.http import install_http
+from service.api.state import AppState, install_state
+from service.api.ws import install_ws
 from service.config import Settings
 from service.engine.model import RecurrentModel
 from service.metrics import Metrics
@@ -37,7 +41,7 @@ def load_models(settings: Settings) -> dict[str, RecurrentModel]:
 
 def create_app(settings: Settings | None = None, *, models: Mapping[str, RecurrentModel] | None = None) -> FastAPI:
     settings = settings or Settings()
-    metrics = Metrics()
+    state = AppState(settings, Metrics())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -48,10 +52,9 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, Recurre
             socket_timeout_s=settings.redis_timeout_s,
             max_connections=settings.redis_max_connections,
         )
-        sessions = SessionService(settings, store, served, metrics)
+        sessions = SessionService(settings, store, served, state.metrics)
         await sessions.start()
-        app.state.store, app.state.sessions = store, sessions
-        app.state.ready = True
+        state.sessions, state.ready = sessions, True
         log.info(
             "carryover ready: models %s, store %s",
             sorted(served),
@@ -60,17 +63,10 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, Recurre
         try:
             yield
         finally:
-            app.state.ready = False
-            app.state.shutting_down = True
-            from service.api.ws import close_all
-
-            await close_all(app)  # 1012: the client should reconnect elsewhere / later
+            await state.drain()  # WebSockets: 1012, the client should reconnect elsewhere / later
             await sessions.stop()  # finishes queued and in-flight batches and their writes
             await store.close()
             log.info("carryover stopped")
-
-    from service.api.http import install_http
-    from service.api.ws import install_ws
 
     app = FastAPI(
         title="carryover",
@@ -79,8 +75,7 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, Recurre
         description="Streaming inference for recurrent models: per-session state in Redis, "
         "ragged micro-batching on ONNX Runtime.",
     )
-    app.state.settings, app.state.metrics = settings, metrics
-    app.state.ready, app.state.shutting_down, app.state.websockets = False, False, set()
-    install_http(app)
+    install_state(app, state)
+    install_http(app, state)
     install_ws(app)
     return app

@@ -249,6 +249,8 @@ class Scheduler:
             return []
         admitted = []
         for r, rec in zip(fresh, records, strict=True):
+            # The one owner and model check of a step: on the record this batch reads (and its
+            # write's CAS is based on); SessionService only routes the request here.
             if rec is None or rec.owner != r.owner:
                 self._fail(r, SessionNotFound(f"session {r.session_id!r} does not exist or has expired"))
             elif rec.fingerprint != self.model.fingerprint or rec.model != self.name:
