@@ -27,6 +27,7 @@ from service.errors import (
     InvalidInput,
     ModelMismatch,
     ModelNotFound,
+    SessionCorrupt,
     SessionExists,
     SessionNotFound,
     StepConflict,
@@ -249,8 +250,9 @@ class SessionService:
             raise TooManySessions(f"the server holds its limit of {self.settings.max_sessions} sessions")
 
     async def _load(self, session_id: str, owner: str) -> SessionRecord:
-        record: SessionRecord | None
         (record,) = await self.store.load([self._key(session_id, owner)])
+        if isinstance(record, SessionCorrupt):
+            raise record
         if record is None or record.owner != owner:
             raise SessionNotFound(f"session {session_id!r} does not exist or has expired")
         return record
