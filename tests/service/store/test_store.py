@@ -14,7 +14,7 @@ import orjson
 import pytest
 import redis
 
-from service.errors import StoreUnavailable
+from service.errors import SessionCorrupt, StoreUnavailable
 from service.store.store import SessionRecord, SessionStore, WriteOutcome, session_key
 from tests.redis_fixture import RedisServer
 
@@ -279,6 +279,32 @@ async def test_bad_url_and_bad_ttl(store: SessionStore) -> None:
         await SessionStore.connect("http://localhost:6379")
     with pytest.raises(ValueError, match="ttl_s"):
         await store.create(record("x", ttl_s=0))
+
+
+async def test_a_corrupt_record_is_returned_in_its_place(store: SessionStore, raw: redis.Redis) -> None:
+    """Garbage under one key fails that key only: the batch loads in one round trip, the others whole."""
+    for sid in ("ok1", "text", "nofield", "gap", "ok2"):
+        assert await store.create(record(sid))
+    raw.delete(session_key("text"))
+    raw.set(session_key("text"), b"\x00\xff garbage")  # another Redis type: no WRONGTYPE for the batch
+    raw.hdel(session_key("nofield"), "meta")
+    raw.hdel(session_key("gap"), "s0")  # s1 left
+    before = store.round_trips
+    got = await store.load(["ok1", "text", "nofield", "gap", "ok2", "absent"], with_reply=True)
+    assert store.round_trips == before + 1
+    assert isinstance(got[0], SessionRecord) and isinstance(got[4], SessionRecord) and got[5] is None
+    assert all(isinstance(r, SessionCorrupt) and r.code == "session_corrupt" for r in got[1:4])
+    assert "holds a Redis string" in str(got[1])
+
+    assert not await store.create(record("text"))  # taken, whatever it holds
+    ok1 = got[0]
+    assert isinstance(ok1, SessionRecord)
+    writes = [(advanced(ok1), ok1.revision), (advanced(record("text")), 1), (advanced(record("gone")), 1)]
+    assert await store.save(writes) == [WriteOutcome.OK, WriteOutcome.CONFLICT, WriteOutcome.MISSING]
+    assert raw.get(session_key("text")) == b"\x00\xff garbage"  # a conflict writes nothing
+    for sid in ("text", "nofield", "gap"):
+        assert await store.delete(sid)
+    assert await store.load(["text", "nofield", "gap"]) == [None] * 3
 
 
 # -- outages ------------------------------------------------------------------------------------
