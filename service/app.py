@@ -21,6 +21,7 @@ from service.config import Settings
 from service.engine.model import RecurrentModel
 from service.metrics import Metrics
 from service.sessions import SessionService
+from service.store.embedded import redis_or_embedded
 from service.store.store import SessionStore
 
 log = logging.getLogger(__name__)
@@ -46,27 +47,28 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, Recurre
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         served = dict(models) if models is not None else load_models(settings)
-        store = await SessionStore.connect(
-            settings.redis_url,
-            data_dir=settings.data_dir,
-            socket_timeout_s=settings.redis_timeout_s,
-            max_connections=settings.redis_max_connections,
-        )
-        sessions = SessionService(settings, store, served, state.metrics)
-        await sessions.start()
-        state.sessions, state.ready = sessions, True
-        log.info(
-            "carryover ready: models %s, store %s",
-            sorted(served),
-            "embedded Redis" if settings.redis_url is None else "external Redis",
-        )
-        try:
-            yield
-        finally:
-            await state.drain()  # WebSockets: 1012, the client should reconnect elsewhere / later
-            await sessions.stop()  # finishes queued and in-flight batches and their writes
-            await store.close()
-            log.info("carryover stopped")
+        # No Redis URL: the app owns an embedded Redis, stopped after the store closes.
+        async with redis_or_embedded(settings.redis_url, settings.data_dir) as redis_url:
+            store = await SessionStore.connect(
+                redis_url,
+                socket_timeout_s=settings.redis_timeout_s,
+                max_connections=settings.redis_max_connections,
+            )
+            sessions = SessionService(settings, store, served, state.metrics)
+            await sessions.start()
+            state.sessions, state.ready = sessions, True
+            log.info(
+                "carryover ready: models %s, store %s",
+                sorted(served),
+                "embedded Redis" if settings.redis_url is None else "external Redis",
+            )
+            try:
+                yield
+            finally:
+                await state.drain()  # WebSockets: 1012, the client should reconnect elsewhere / later
+                await sessions.stop()  # finishes queued and in-flight batches and their writes
+                await store.close()
+                log.info("carryover stopped")
 
     app = FastAPI(
         title="carryover",

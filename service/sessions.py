@@ -29,6 +29,7 @@ from service.errors import (
     InvalidInput,
     ModelMismatch,
     ModelNotFound,
+    SessionCorrupt,
     SessionExists,
     SessionNotFound,
     TooManySessions,
@@ -280,6 +281,8 @@ class SessionService:
     async def _model_of(self, key: str, session_id: str) -> str:
         """Routing only (see ``apply``): the model named in the session's record."""
         (record,) = await self.store.load([key])
+        if isinstance(record, SessionCorrupt):
+            raise record
         if record is None:
             raise _not_found(session_id)
         return record.model
@@ -329,8 +332,9 @@ class SessionService:
             raise TooManySessions(f"the server holds its limit of {self.settings.max_sessions} sessions")
 
     async def _load(self, session_id: str, owner: str) -> SessionRecord:
-        record: SessionRecord | None
         (record,) = await self.store.load([self._key(session_id, owner)])
+        if isinstance(record, SessionCorrupt):
+            raise record
         if record is None or record.owner != owner:  # the owner rule of every non-step path
             raise _not_found(session_id)
         return record

@@ -246,28 +246,31 @@ async def test_embedded_redis_persists_across_engine_restarts(
 ) -> None:
     """No Redis URL: a real embedded Redis under the data dir, AOF on, same code path."""
     from service.config import Settings
+    from service.store.embedded import redis_or_embedded
     from service.store.store import SessionStore
 
     model = loaded["gru_stacked"]
     x = random_inputs(model.contract, 6, np.random.default_rng(2))
-    store = await SessionStore.connect(None, data_dir=tmp_path / "data")
-    service = SessionService(Settings(data_dir=tmp_path / "data"), store, {"gru": model})
-    await service.start()
-    sid = (await service.create()).session_id
-    reply = await service.step(sid, x)
-    await service.stop()
-    await store.close()
-
-    store = await SessionStore.connect(None, data_dir=tmp_path / "data")
-    service = SessionService(Settings(data_dir=tmp_path / "data"), store, {"gru": model})
-    await service.start()
-    try:
-        state = await exported_state(service, sid)
-        assert int(state["carryover_step"]) == 6
-        assert_matches_offline(model, x, reply.outputs, {"h0": state["h0"]})
-    finally:
+    async with redis_or_embedded(None, tmp_path / "data") as url:
+        store = await SessionStore.connect(url)
+        service = SessionService(Settings(data_dir=tmp_path / "data"), store, {"gru": model})
+        await service.start()
+        sid = (await service.create()).session_id
+        reply = await service.step(sid, x)
         await service.stop()
         await store.close()
+
+    async with redis_or_embedded(None, tmp_path / "data") as url:
+        store = await SessionStore.connect(url)
+        service = SessionService(Settings(data_dir=tmp_path / "data"), store, {"gru": model})
+        await service.start()
+        try:
+            state = await exported_state(service, sid)
+            assert int(state["carryover_step"]) == 6
+            assert_matches_offline(model, x, reply.outputs, {"h0": state["h0"]})
+        finally:
+            await service.stop()
+            await store.close()
 
 
 # -- the contract every transport calls ---------------------------------------------------------
