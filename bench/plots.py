@@ -94,7 +94,7 @@ def throughput_plot(result: dict[str, Any], target: Path) -> None:
                 ax.plot(*zip(*pts, strict=True), style, marker="o", ms=3, label=f"{server}, {transport}")
         raw = sorted((r["sessions"], r["steps_per_s"]) for r in result["raw_ort"] if r["chunk"] == chunk)
         if raw:
-            ax.plot(*zip(*raw, strict=True), ":", color="black", label="raw ORT, same shapes")
+            ax.plot(*zip(*raw, strict=True), ":", marker="x", color="black", label="raw ORT, same shapes")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("concurrent sessions")
@@ -156,7 +156,7 @@ def stage_plot(result: dict[str, Any], target: Path) -> None:
         values = [b["stages"][s].get("mean_ms") or 0.0 for s in stages]
         ax.barh(ys, values, height, label=f"{b['transport']}, {b['chunk']} step(s)/request")
         for y, s in zip(ys, stages, strict=True):
-            if "status" in b["stages"][s]:
+            if i == 0 and "status" in b["stages"][s]:
                 ax.annotate(
                     b["stages"][s]["status"], (0, y), fontsize=6, va="center", xytext=(3, 0), textcoords="offset points"
                 )
