@@ -70,7 +70,7 @@ async def test_the_same_client_drives_the_naive_server(running: dict[str, server
 def test_command_line_writes_the_result(running: dict[str, servers.Server], tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     url = running["carryover"].url
-    argv = "--sessions 2 --chunk 2,4 --duration 0.4 --warmup 0.1 --no-progress".split()
+    argv = ["--sessions", "2", "--chunk", "2,4", "--duration", "0.4", "--warmup", "0.1", "--no-progress"]
     loadgen.main(["--url", url, *argv, "--out", str(out)])
     result = json.loads(out.read_text())
     check(result)

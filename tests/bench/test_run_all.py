@@ -14,7 +14,8 @@ def test_run_all_writes_results_plots_and_summary(redis_server: RedisServer, tmp
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "README.md").write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\nend\n")
-    argv = "--quick --sessions 2 --chunks 2 --transports http --duration 0.3 --warmup 0.1 --raw-seconds 0.1".split()
+    matrix = ["--sessions", "2", "--chunks", "2", "--transports", "http"]
+    argv = ["--quick", *matrix, "--duration", "0.3", "--warmup", "0.1", "--raw-seconds", "0.1"]
     out = ["--results", str(tmp_path / "run_all.json"), "--docs", str(docs)]
     run_all.main([*argv, "--redis-url", redis_server.url, *out])
     result = json.loads((tmp_path / "run_all.json").read_text())
