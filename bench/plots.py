@@ -70,6 +70,19 @@ def api_plot(result: dict[str, Any], target: Path) -> None:
     plt.close(fig)
 
 
+def _label(ax: Any, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=6)
+
+
+def _save(fig: Any, target: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(target, dpi=120)
+    plt.close(fig)
+
+
 def _series(result: dict[str, Any]) -> list[tuple[str, str]]:
     setup = result["setup"]
     return [(s, t) for s in setup["servers"] for t in setup["transports"]]
@@ -97,13 +110,8 @@ def throughput_plot(result: dict[str, Any], target: Path) -> None:
             ax.plot(*zip(*raw, strict=True), ":", marker="x", color="black", label="raw ORT, same shapes")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("concurrent sessions")
-        ax.set_ylabel("timesteps / s")
-        ax.set_title(f"{chunk} timestep(s) per request")
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(target, dpi=120)
-    plt.close(fig)
+        _label(ax, "concurrent sessions", "timesteps / s", f"{chunk} timestep(s) per request")
+    _save(fig, target)
 
 
 def latency_cdf_plot(result: dict[str, Any], target: Path, sessions: int) -> None:
@@ -115,13 +123,8 @@ def latency_cdf_plot(result: dict[str, Any], target: Path, sessions: int) -> Non
                 q, ms = zip(*p["latency_cdf_ms"], strict=True)
                 ax.plot(ms, [x / 100 for x in q], label=f"{p['server']}, {p['transport']}")
         ax.set_xscale("log")
-        ax.set_xlabel("latency (ms)")
-        ax.set_ylabel("share of requests")
-        ax.set_title(f"{sessions} sessions, {chunk} timestep(s) per request")
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(target, dpi=120)
-    plt.close(fig)
+        _label(ax, "latency (ms)", "share of requests", f"{sessions} sessions, {chunk} timestep(s) per request")
+    _save(fig, target)
 
 
 def batch_size_plot(result: dict[str, Any], target: Path) -> None:
@@ -135,15 +138,13 @@ def batch_size_plot(result: dict[str, Any], target: Path) -> None:
         label = f"{b['transport']}, {b['chunk']} step(s)/request (mean {hist['mean_rows'] or 0:.1f} rows)"
         ax.bar(xs, [c / total for c in hist["counts"]], width, label=label)
     if rows:
-        ax.set_xticks(range(len(rows[0]["batch_rows"]["le"])), [f"≤{le}" for le in rows[0]["batch_rows"]["le"]])
+        ax.set_xticks(
+            range(len(rows[0]["batch_rows"]["le"])),
+            [f"≤{le:g}" if isinstance(le, float) else f"≤{le}" for le in rows[0]["batch_rows"]["le"]],
+        )
     sessions = rows[0]["sessions"] if rows else "?"
-    ax.set_xlabel("rows (sessions) per model call")
-    ax.set_ylabel("share of model calls")
-    ax.set_title(f"batch sizes, service at {sessions} sessions")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(target, dpi=120)
-    plt.close(fig)
+    _label(ax, "rows (sessions) per model call", "share of model calls", f"batch sizes, service at {sessions} sessions")
+    _save(fig, target)
 
 
 def stage_plot(result: dict[str, Any], target: Path) -> None:
@@ -166,9 +167,7 @@ def stage_plot(result: dict[str, Any], target: Path) -> None:
     sessions = rows[0]["sessions"] if rows else "?"
     ax.set_title(f"where a request's time goes, service at {sessions} sessions")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(target, dpi=120)
-    plt.close(fig)
+    _save(fig, target)
 
 
 def plot_matrix(result: dict[str, Any], target: Path) -> None:
