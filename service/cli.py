@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs bench/engine.py or bench/api.py; arguments after the name go to it "
         "(e.g. carryover bench engine --steps 8 32).",
     )
-    bench.add_argument("which", choices=["engine", "api"])
+    bench.add_argument("which", choices=["engine", "api", "loadgen", "run_all"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark (see its --help)")
     bench.set_defaults(func=_bench)
 
