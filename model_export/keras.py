@@ -79,7 +79,7 @@ def layer_chain(model: Any) -> list[Any]:
         arguments = layer._inbound_nodes[history.node_index].arguments
         keras_tensor = type(tensor)
         extra = [k for k, v in arguments.kwargs.items() if k != "mask" and isinstance(v, keras_tensor)]
-        if len(arguments.args) != 1 or extra:
+        if len(arguments.args) != 1 or extra or not isinstance(arguments.args[0], keras_tensor):
             raise ModelContractError(f"layer {layer.name!r} takes more than one input; only chains convert")
         chain.append(layer)
         tensor = arguments.args[0]
@@ -169,8 +169,6 @@ def _step(layer: Any) -> tuple[KerasStep, int | None]:
 def to_step_net(model: Any) -> KerasStepNet:
     """The Keras model as a ``StepCell`` with the same weights (see the module doc)."""
     chain = layer_chain(model)
-    if not any(type(layer).__name__ in RECURRENT for layer in chain):
-        raise ModelContractError(f"Keras model {model.name!r} has no SimpleRNN, GRU or LSTM layer: nothing to carry")
     source = model.inputs[0]
     tokens = type(chain[0]).__name__ == "Embedding"
     if len(source.shape) != (2 if tokens else 3):
@@ -193,6 +191,8 @@ def to_step_net(model: Any) -> KerasStepNet:
             last_sequence_end = True
         steps.append(step)
         width = out if out is not None else width
+    if not any(isinstance(step, RecurrentStep) for step in steps):
+        raise ModelContractError(f"Keras model {model.name!r} has no SimpleRNN, GRU or LSTM layer: nothing to carry")
     return KerasStepNet(data, chain[-1].name, steps, width)
 
 
