@@ -35,7 +35,15 @@ def contract_metadata(contract: ModelContract) -> dict[str, object]:
         "kind": contract.kind,
         "inputs": [t.name for t in contract.inputs],
         "outputs": [t.name for t in contract.outputs],
-        "state": [{"input": s.input, "output": s.output, "batch_axis": s.batch_axis} for s in contract.states],
+        "state": [
+            {
+                "input": s.input,
+                "output": s.output,
+                "batch_axis": s.batch_axis,
+                **({"initial": s.initial} if s.initial else {}),
+            }
+            for s in contract.states
+        ],
     }
     if contract.mask:
         meta["mask"] = contract.mask

@@ -10,7 +10,7 @@ types.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
@@ -59,6 +59,8 @@ class StateTensor:
     dtype: np.dtype[Any]
     shape: tuple[int, ...]
     batch_axis: int = 0
+    initial: str | None = None  # a graph initializer every session starts from (else zeros)
+    initial_value: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -91,8 +93,14 @@ class ModelContract:
         return next(t for t in self.inputs if t.name == name)
 
     def initial_states(self, batch: int = 1) -> dict[str, np.ndarray]:
-        """Zeros: the state every session starts from (and returns to on reset). ``[B, ...]``."""
-        return {s.input: np.zeros((batch, *s.shape), dtype=s.dtype) for s in self.states}
+        """The state every session starts from (and returns to on reset), ``[B, ...]``: the
+        state's learned initial value where it names one, else zeros."""
+        return {
+            s.input: np.zeros((batch, *s.shape), dtype=s.dtype)
+            if s.initial_value is None
+            else np.repeat(s.initial_value[None], batch, axis=0)
+            for s in self.states
+        }
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,7 @@ class DeclaredContract:
     states: list[tuple[str, str, int]]
     vocab: tuple[str, ...] | None = None
     unk_id: int | None = None
+    initials: dict[str, str] = field(default_factory=dict)  # state input -> initializer name
 
 
 def parse_state_pair(text: str) -> tuple[str, str, int]:
@@ -145,6 +154,7 @@ def parse_metadata(raw: str) -> DeclaredContract:
     if not isinstance(states, list) or not states:
         raise ModelContractError("metadata 'state' must be a non-empty list of {input, output, batch_axis}")
     pairs: list[tuple[str, str, int]] = []
+    initials: dict[str, str] = {}
     for i, s in enumerate(states):
         if not isinstance(s, dict) or not isinstance(s.get("input"), str) or not isinstance(s.get("output"), str):
             raise ModelContractError(f"metadata state[{i}] must have string 'input' and 'output'")
@@ -152,6 +162,10 @@ def parse_metadata(raw: str) -> DeclaredContract:
         if not isinstance(axis, int) or isinstance(axis, bool):
             raise ModelContractError(f"metadata state[{i}] ({s['input']}): 'batch_axis' must be an integer")
         pairs.append((s["input"], s["output"], axis))
+        if "initial" in s:
+            if not isinstance(s["initial"], str):
+                raise ModelContractError(f"metadata state[{i}] ({s['input']}): 'initial' must name a graph initializer")
+            initials[s["input"]] = s["initial"]
     mask = meta.get("mask")
     if mask is not None and not isinstance(mask, str):
         raise ModelContractError("metadata 'mask' must be a tensor name")
@@ -165,7 +179,7 @@ def parse_metadata(raw: str) -> DeclaredContract:
             raise ModelContractError("token_lm metadata needs 'vocab': a string or a list of token strings")
         if not isinstance(unk_id, int) or not 0 <= unk_id < len(vocab):
             raise ModelContractError(f"token_lm metadata 'unk_id' must be an id in [0, {len(vocab)}), not {unk_id!r}")
-    return DeclaredContract(form, kind, meta["inputs"], meta["outputs"], mask, pairs, vocab, unk_id)
+    return DeclaredContract(form, kind, meta["inputs"], meta["outputs"], mask, pairs, vocab, unk_id, initials)
 
 
 class TensorArg(Protocol):
@@ -253,13 +267,19 @@ def declared_from_pairs(
 
 
 def _output_tail(name: str, shape: list[Dim], lead: tuple[int, ...], what: str) -> tuple[int, ...]:
-    """An output's dims without its ``lead`` (B[, T]) axes. Symbolic dims become ``UNKNOWN``:
-    exporters leave them on ``Loop`` outputs, which is normal; the warm-up run measures them."""
+    """An output's dims without its ``lead`` (B[, T]) axes, which must be dynamic. Other symbolic
+    dims become ``UNKNOWN``: exporters leave them on ``Loop`` outputs; the warm-up measures them."""
     if len(shape) < len(lead) or not shape:
         raise ModelContractError(
             f"{what} {name!r} has rank {len(shape)} in the graph; expected at least {len(lead)} "
             "(a graph without output shapes needs ONNX shape inference first)"
         )
+    for axis in lead:  # a fixed B or T shows a frozen export (e.g. a time loop traced at one T)
+        if isinstance(shape[axis], int):
+            axis_name = "B" if axis == lead[0] else "T"
+            raise ModelContractError(
+                f"{what} {name!r} axis {axis} ({axis_name}) is fixed to {shape[axis]}; it must be dynamic"
+            )
     return tuple(d if isinstance(d, int) else UNKNOWN for axis, d in enumerate(shape) if axis not in lead)
 
 
@@ -282,8 +302,28 @@ def resolve_outputs(contract: ModelContract, outputs: dict[str, tuple[int, ...]]
     return replace(contract, outputs=tuple(resolved), unmeasured=False)
 
 
-def build_contract(declared: DeclaredContract, graph: GraphSignature) -> ModelContract:
-    """Check ``declared`` against the graph's real inputs/outputs; errors name the tensor."""
+def _initial_value(
+    state: str, name: str, shape: tuple[int, ...], dtype: np.dtype[Any], initializers: Mapping[str, np.ndarray]
+) -> np.ndarray:
+    """A learned initial state: an initializer of the state's shape without its batch axis."""
+    if name not in initializers:
+        raise ModelContractError(f"state {state!r}: its initial {name!r} is not an initializer of the graph")
+    value = initializers[name]
+    if value.shape != shape or value.dtype != dtype:
+        raise ModelContractError(
+            f"state {state!r}: its initial {name!r} is {value.dtype} {list(value.shape)}; "
+            f"the state is {dtype} {list(shape)} (its shape without the batch axis)"
+        )
+    value = value.copy()
+    value.flags.writeable = False
+    return value
+
+
+def build_contract(
+    declared: DeclaredContract, graph: GraphSignature, initializers: Mapping[str, np.ndarray] | None = None
+) -> ModelContract:
+    """Check ``declared`` against the graph's real inputs/outputs (and a state's ``initial``
+    against the graph's ``initializers``, name -> value); errors name the tensor."""
     g_in = {i.name: i for i in graph.get_inputs()}
     g_out = {o.name: o for o in graph.get_outputs()}
     form = declared.form or ("sequence" if declared.mask else "step")
@@ -327,7 +367,10 @@ def build_contract(declared: DeclaredContract, graph: GraphSignature) -> ModelCo
             raise ModelContractError(
                 f"state {s_in!r} has shape {list(i_meta.shape)} but its output {s_out!r} has {list(o_meta.shape)}"
             )
-        states.append(StateTensor(s_in, s_out, _dtype(i_meta.type, f"state {s_in!r}"), shape, axis))
+        dtype = _dtype(i_meta.type, f"state {s_in!r}")
+        initial = declared.initials.get(s_in)
+        value = None if initial is None else _initial_value(s_in, initial, shape, dtype, initializers or {})
+        states.append(StateTensor(s_in, s_out, dtype, shape, axis, initial, value))
     inputs = data(declared.inputs, g_in, "input")
     outputs = data(declared.outputs, g_out, "output")
     mask_dtype = np.dtype(np.bool_)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from service.engine.carry import STEP_MASK, with_step_carry
 from service.engine.contract import (
@@ -65,6 +65,14 @@ def _external_locations(model: onnx.ModelProto) -> set[str]:
 
     tensors(model.graph)
     return found
+
+
+def _initializers(path: Path, names: set[str]) -> dict[str, np.ndarray]:
+    """The named initializers of the graph (learned initial states), as numpy arrays."""
+    if not names:
+        return {}
+    graph = onnx.load_model(str(path)).graph
+    return {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name in names}
 
 
 def _graph_layout(shape: tuple[int, ...], batch_axis: int) -> list[int]:
@@ -119,7 +127,7 @@ class RecurrentModel:
             raise ModelContractError(
                 f"model {self.name!r} has no {METADATA_KEY!r} metadata; name its state pairs (--state IN:OUT)"
             )
-        self.contract = build_contract(declared, probe)
+        self.contract = build_contract(declared, probe, _initializers(self.path, set(declared.initials.values())))
         if self.contract.form == "step":
             self.session = self._session(with_step_carry(onnx.load_model(str(self.path)), self.contract), wanted)
         else:

@@ -28,7 +28,7 @@ def states_to_bytes(contract: ModelContract, states: Mapping[str, np.ndarray]) -
 
 
 def initial_state_bytes(contract: ModelContract) -> tuple[bytes, ...]:
-    """Where every session starts and where reset returns it: zeros."""
+    """Where every session starts and where reset returns it: the learned initial state, else zeros."""
     return states_to_bytes(contract, {k: v[0] for k, v in contract.initial_states(1).items()})
 
 
