@@ -23,7 +23,7 @@ from service.engine.model import RecurrentModel
 from service.serve import settings_cli_source, settings_from_args, settings_table, settings_to_env
 from tests.conftest import Exported
 from tests.engines import assert_matches_offline
-from tests.redis_fixture import RedisServer, free_port
+from tests.redis_fixture import free_port
 
 START_TIMEOUT_S = 120
 
