@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 GRACEFUL_SHUTDOWN_S = 30
+CLOSE_REPLY_TIMEOUT_S = 5.0  # how long a client may take to answer the 1012 close frame
 
 
 def settings_cli_source(parser: argparse.ArgumentParser) -> CliSettingsSource[argparse.ArgumentParser]:
@@ -117,7 +119,18 @@ class DrainingServer(uvicorn.Server):
 
             app.state.shutting_down = True
             await close_all(app)
+            await self._wait_for_close_replies()
         await super().shutdown(sockets)
+
+    async def _wait_for_close_replies(self, timeout_s: float = CLOSE_REPLY_TIMEOUT_S) -> None:
+        """Wait until the clients have answered the close frames (uvicorn then closes each TCP
+        connection itself). uvicorn's shutdown closes the TCP at once; a client still sending
+        chunks then gets a reset, which discards the replies and close frame it had not read."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(
+            getattr(c, "close_sent", False) and not c.transport.is_closing() for c in self.server_state.connections
+        ):
+            await asyncio.sleep(0.01)
 
 
 def _find_app(app: Any) -> FastAPI | None:
