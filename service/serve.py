@@ -115,10 +115,9 @@ class DrainingServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         app = _find_app(self.config.loaded_app)
         if app is not None:
-            from service.api.ws import close_all
+            from service.api.state import app_state
 
-            app.state.shutting_down = True
-            await close_all(app)
+            await app_state(app).drain()  # the app's one drain; its lifespan's call is then a no-op
             await self._wait_for_close_replies()
         await super().shutdown(sockets)
 
@@ -260,20 +259,18 @@ def load_served_models(settings: Settings) -> dict[str, RecurrentModel]:
         raise StartupError(f"cannot load the models: {e}") from None
 
 
-def check_store(settings: Settings) -> None:
-    """Connect to the Redis URL once (ping, cluster detection, scripts) and close again."""
+def check_store(url: str, settings: Settings) -> None:
+    """Connect to the Redis ``url`` once (ping, cluster detection, scripts) and close again."""
     from service.store.store import SessionStore
 
     async def connect() -> None:
-        store = await SessionStore.connect(
-            settings.redis_url, data_dir=settings.data_dir, socket_timeout_s=settings.redis_timeout_s
-        )
+        store = await SessionStore.connect(url, socket_timeout_s=settings.redis_timeout_s)
         await store.close()
 
     try:
         asyncio.run(connect())
     except (Unavailable, ValueError, OSError) as e:
-        raise StartupError(f"cannot use Redis at {settings.redis_url}: {e}") from None
+        raise StartupError(f"cannot use Redis at {url}: {e}") from None
 
 
 def run(settings: Settings) -> None:
@@ -294,7 +291,7 @@ def run(settings: Settings) -> None:
             settings = settings.model_copy(update={"redis_url": embedded.url})
             log.info("embedded Redis (AOF under %s) at %s", settings.data_dir, embedded.url)
         else:
-            check_store(settings)
+            check_store(settings.redis_url, settings)
         os.environ.update(settings_to_env(settings))  # the workers' settings
         log.info("listening on http://%s:%d with %d worker(s)", settings.host, settings.port, settings.workers)
         options: dict[str, Any] = {"log_format": settings.log_format, "log_level": "info"}

@@ -188,10 +188,10 @@ def test_serve_with_embedded_redis_survives_a_restart(
         sid = httpx.post(server.url + "/v1/sessions", json={}).json()["session_id"]
         first = step(server.url, sid, xs[0], 0)
         # a second service cannot take the same data directory: one line, exit code 1
-        second = run_serve("--data-dir", data_dir, "--model", gru_model)
-        assert (second.returncode, second.stdout) == (1, "")
-        assert second.stderr.startswith(f"carryover serve: data directory {data_dir} is in use")
-        assert second.stderr.count("\n") == 1
+        rival = run_serve("--data-dir", data_dir, "--model", gru_model)
+        assert (rival.returncode, rival.stdout) == (1, "")
+        assert rival.stderr.startswith(f"carryover serve: data directory {data_dir} is in use")
+        assert rival.stderr.count("\n") == 1
     finally:
         assert server.terminate(sig=signal.SIGINT) == 0  # Ctrl-C: graceful, exit code 0
     assert not list(Path(data_dir).glob("*.sock"))  # the embedded Redis went down with it
@@ -209,10 +209,10 @@ def test_serve_with_embedded_redis_survives_a_restart(
             "y": np.concatenate(
                 [
                     np.asarray(first["outputs"]["y"]),  # type: ignore[index]
-                    np.asarray(second["outputs"]["y"]),
+                    np.asarray(second["outputs"]["y"]),  # type: ignore[index]
                 ]
             )
-        }  # type: ignore[index]
+        }
         assert_matches_offline(model, {"x": np.concatenate(xs)}, outputs, {"h0": state["h0"]})
     finally:
         assert server.terminate() == 0

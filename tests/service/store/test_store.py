@@ -1,15 +1,12 @@
-"""SessionStore and EmbeddedRedis against real redis-server processes (DESIGN §2)."""
+"""SessionStore against real redis-server processes (DESIGN §2)."""
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import secrets
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,9 +14,7 @@ import orjson
 import pytest
 import redis
 
-from service.errors import EmbeddedRedisError, StoreUnavailable
-from service.store import embedded as er
-from service.store.embedded import EmbeddedRedis
+from service.errors import SessionCorrupt, StoreUnavailable
 from service.store.store import SessionRecord, SessionStore, WriteOutcome, session_key
 from tests.redis_fixture import RedisServer
 
@@ -27,6 +22,11 @@ from tests.redis_fixture import RedisServer
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 REPO = Path(__file__).resolve().parents[3]
+
+
+def present(loaded: Sequence[SessionRecord | SessionCorrupt | None]) -> list[SessionRecord]:
+    """The records that exist (typed for the tests that read their fields)."""
+    return [r for r in loaded if isinstance(r, SessionRecord)]
 
 
 def record(
@@ -81,8 +81,8 @@ def assert_whole(rec: SessionRecord, steps: int = 3) -> None:
 
 
 @pytest.fixture
-async def store(redis_url: str, tmp_path: Path) -> AsyncIterator[SessionStore]:
-    s = await SessionStore.connect(redis_url, data_dir=tmp_path)
+async def store(redis_url: str) -> AsyncIterator[SessionStore]:
+    s = await SessionStore.connect(redis_url)
     yield s
     await s.close()
 
@@ -122,6 +122,7 @@ async def test_create_once_and_read_back_every_field(store: SessionStore, raw: r
     assert await store.create(rec)
     assert not await store.create(replace(rec, model="other"))  # exists: untouched
     [got] = await store.load([rec.session_id], with_reply=True)
+    assert isinstance(got, SessionRecord)
     assert got is not None and got.expires_in is not None and 599 < got.expires_in <= 600
     assert replace(got, expires_in=None) == rec
     stored = raw.hgetall(session_key("a/é"))
@@ -134,7 +135,9 @@ async def test_batch_loads_leave_the_replay_outputs_out(store: SessionStore) -> 
     rec = replace(record("lean"), last_reply=b"x" * 1000, last_digest="d")
     assert await store.create(rec)
     [lean] = await store.load(["lean"])
+    assert isinstance(lean, SessionRecord)
     [full] = await store.load(["lean"], with_reply=True)
+    assert isinstance(full, SessionRecord)
     assert lean is not None and full is not None
     assert (lean.last_reply, lean.last_digest, full.last_reply) == (b"", "d", b"x" * 1000)
 
@@ -146,16 +149,16 @@ async def test_load_and_save_a_batch_are_one_round_trip_each(store: SessionStore
     before = store.round_trips
     loaded = await store.load(ids)
     assert store.round_trips == before + 1
-    assert [r.session_id if r else None for r in loaded] == [*ids[:8], None, None]
+    assert [r.session_id if isinstance(r, SessionRecord) else None for r in loaded] == [*ids[:8], None, None]
 
     more = [record(sid) for sid in ids[8:]]
     for r in more:
         await store.create(r)
-    writes = [(advanced(r), r.revision) for r in [*(r for r in loaded if r), *more]]
+    writes = [(advanced(r), r.revision) for r in [*(r for r in present(loaded)), *more]]
     before = store.round_trips
     assert await store.save(writes) == [WriteOutcome.OK] * 10
     assert store.round_trips == before + 1
-    assert [r.revision if r else 0 for r in await store.load(ids)] == [2] * 10
+    assert [r.revision if isinstance(r, SessionRecord) else 0 for r in await store.load(ids)] == [2] * 10
 
     before = store.round_trips
     assert await store.load([]) == [] and await store.save([]) == []
@@ -169,6 +172,7 @@ async def test_load_and_save_refresh_the_ttl(store: SessionStore, raw: redis.Red
     assert 99_000 < raw.pttl(key) <= 100_000
     raw.pexpire(key, 5_000)
     [got] = await store.load(["ttl"])
+    assert isinstance(got, SessionRecord)
     assert got is not None and got.expires_in is not None and got.expires_in > 99
     assert raw.pttl(key) > 99_000
     raw.pexpire(key, 5_000)
@@ -176,7 +180,8 @@ async def test_load_and_save_refresh_the_ttl(store: SessionStore, raw: redis.Red
     assert raw.pttl(key) > 99_000
     # A save may change the TTL (the record carries it).
     [got] = await store.load(["ttl"])
-    assert got is not None
+    assert isinstance(got, SessionRecord)
+    assert isinstance(got, SessionRecord)
     assert await store.save([(replace(advanced(got), ttl_s=7), got.revision)]) == [WriteOutcome.OK]
     assert 6_000 < raw.pttl(key) <= 7_000
 
@@ -189,6 +194,7 @@ async def test_cas_conflict_leaves_the_record_unchanged(store: SessionStore) -> 
     stale = replace(advanced(rec), step=99, states=(b"stale",))  # also read at revision 1
     assert await store.save([(stale, 1)]) == [WriteOutcome.CONFLICT]
     [got] = await store.load(["cas"], with_reply=True)
+    assert isinstance(got, SessionRecord)
     assert got is not None and replace(got, expires_in=None) == first
     with pytest.raises(ValueError, match="revision"):
         await store.save([(replace(first, revision=5), 2)])
@@ -211,6 +217,7 @@ async def test_save_replaces_the_whole_record(store: SessionStore, raw: redis.Re
     fields = [k for k in raw.hkeys(session_key("whole")) if isinstance(k, bytes)]
     assert sorted(k for k in fields if k.startswith(b"s") and k[1:].isdigit()) == [b"s0"]
     [got] = await store.load(["whole"], with_reply=True)
+    assert isinstance(got, SessionRecord)
     assert got is not None and got.states == (b"x",)
 
 
@@ -228,18 +235,20 @@ async def test_a_resent_write_is_recognised_by_its_token(store: SessionStore, mo
     assert not await store.create(rec)
 
 
-async def test_two_stores_racing_on_one_revision(redis_url: str, tmp_path: Path) -> None:
-    a = await SessionStore.connect(redis_url, data_dir=tmp_path)
-    b = await SessionStore.connect(redis_url, data_dir=tmp_path)
+async def test_two_stores_racing_on_one_revision(redis_url: str) -> None:
+    a = await SessionStore.connect(redis_url)
+    b = await SessionStore.connect(redis_url)
     try:
         await a.create(record("race"))
         for _ in range(100):
             [cur] = await a.load(["race"])
-            assert cur is not None
+            assert isinstance(cur, SessionRecord)
+            assert isinstance(cur, SessionRecord)
             mine, theirs = advanced(cur, 1), replace(advanced(cur, 2), last_digest="b")
             outcomes = await asyncio.gather(a.save([(mine, cur.revision)]), b.save([(theirs, cur.revision)]))
             assert sorted(o.value for [o] in outcomes) == ["conflict", "ok"]
         [final] = await b.load(["race"], with_reply=True)
+        assert isinstance(final, SessionRecord)
         assert final is not None and final.revision == 101
     finally:
         await a.close()
@@ -270,20 +279,48 @@ async def test_scripts_are_reloaded_after_script_flush(store: SessionStore, raw:
     raw.script_flush()
     before = store.round_trips
     [got] = await store.load(["noscript"], with_reply=True)
-    assert got is not None
+    assert isinstance(got, SessionRecord)
+    assert isinstance(got, SessionRecord)
     assert store.round_trips == before + 3  # refused, SCRIPT LOAD, re-sent
     raw.script_flush()
     assert await store.save([(advanced(got), 1)]) == [WriteOutcome.OK]
     before = store.round_trips
     [got] = await store.load(["noscript"], with_reply=True)
+    assert isinstance(got, SessionRecord)
     assert store.round_trips == before + 1 and got is not None and got.revision == 2
 
 
-async def test_bad_url_and_bad_ttl(store: SessionStore, tmp_path: Path) -> None:
+async def test_bad_url_and_bad_ttl(store: SessionStore) -> None:
     with pytest.raises(ValueError, match="redis://"):
-        await SessionStore.connect("http://localhost:6379", data_dir=tmp_path)
+        await SessionStore.connect("http://localhost:6379")
     with pytest.raises(ValueError, match="ttl_s"):
         await store.create(record("x", ttl_s=0))
+
+
+async def test_a_corrupt_record_is_returned_in_its_place(store: SessionStore, raw: redis.Redis) -> None:
+    """Garbage under one key fails that key only: the batch loads in one round trip, the others whole."""
+    for sid in ("ok1", "text", "nofield", "gap", "ok2"):
+        assert await store.create(record(sid))
+    raw.delete(session_key("text"))
+    raw.set(session_key("text"), b"\x00\xff garbage")  # another Redis type: no WRONGTYPE for the batch
+    raw.hdel(session_key("nofield"), "meta")
+    raw.hdel(session_key("gap"), "s0")  # s1 left
+    before = store.round_trips
+    got = await store.load(["ok1", "text", "nofield", "gap", "ok2", "absent"], with_reply=True)
+    assert store.round_trips == before + 1
+    assert isinstance(got[0], SessionRecord) and isinstance(got[4], SessionRecord) and got[5] is None
+    assert all(isinstance(r, SessionCorrupt) and r.code == "session_corrupt" for r in got[1:4])
+    assert "holds a Redis string" in str(got[1])
+
+    assert not await store.create(record("text"))  # taken, whatever it holds
+    ok1 = got[0]
+    assert isinstance(ok1, SessionRecord)
+    writes = [(advanced(ok1), ok1.revision), (advanced(record("text")), 1), (advanced(record("gone")), 1)]
+    assert await store.save(writes) == [WriteOutcome.OK, WriteOutcome.CONFLICT, WriteOutcome.MISSING]
+    assert raw.get(session_key("text")) == b"\x00\xff garbage"  # a conflict writes nothing
+    for sid in ("text", "nofield", "gap"):
+        assert await store.delete(sid)
+    assert await store.load(["text", "nofield", "gap"]) == [None] * 3
 
 
 # -- outages ------------------------------------------------------------------------------------
@@ -293,7 +330,7 @@ async def test_crash_outage_and_recovery_on_the_same_store(tmp_path: Path) -> No
     server = RedisServer(tmp_path / "crash", appendonly=True)
     server.start()
     try:
-        s = await SessionStore.connect(server.url, data_dir=tmp_path, socket_timeout_s=1.0)
+        s = await SessionStore.connect(server.url, socket_timeout_s=1.0)
         ids = [f"k{i}" for i in range(20)]
         for sid in ids:
             await s.create(record(sid))
@@ -302,7 +339,7 @@ async def test_crash_outage_and_recovery_on_the_same_store(tmp_path: Path) -> No
 
         async def writer() -> None:
             while writing:
-                current = [r for r in await s.load(ids) if r]
+                current = [r for r in present(await s.load(ids))]
                 outcomes = await s.save([(advanced(r), r.revision) for r in current])
                 for r, o in zip(current, outcomes, strict=True):
                     assert o is WriteOutcome.OK
@@ -326,15 +363,15 @@ async def test_crash_outage_and_recovery_on_the_same_store(tmp_path: Path) -> No
         ):
             with pytest.raises(StoreUnavailable) as info:
                 await call
-            assert info.value.retry_after > 0
+            assert (info.value.retry_after or 0) > 0
 
         server.start()  # same port, a fresh process: no scripts loaded
         loaded = await s.load(ids, with_reply=True)  # the same store object, NOSCRIPT handled
         for sid, rec in zip(ids, loaded, strict=True):
-            assert rec is not None
+            assert isinstance(rec, SessionRecord)
             assert_whole(rec)  # never a half-written record
             assert rec.revision >= acked[sid]  # appendfsync always: acknowledged writes survived
-        current = [r for r in loaded if r]
+        current = [r for r in present(loaded)]
         assert await s.save([(advanced(r), r.revision) for r in current]) == [WriteOutcome.OK] * 20
         await s.ping()
         await s.close()
@@ -346,7 +383,7 @@ async def test_hung_redis_times_out_as_unavailable(tmp_path: Path) -> None:
     server = RedisServer(tmp_path / "hung")
     server.start()
     try:
-        s = await SessionStore.connect(server.url, data_dir=tmp_path, socket_timeout_s=0.3)
+        s = await SessionStore.connect(server.url, socket_timeout_s=0.3)
         await s.create(record("h"))
         server.pause()
         try:
@@ -360,6 +397,7 @@ async def test_hung_redis_times_out_as_unavailable(tmp_path: Path) -> None:
             server.resume()
         await s.ping()
         [got] = await s.load(["h"])
+        assert isinstance(got, SessionRecord)
         assert got is not None and got.revision in (1, 2)  # the timed-out write may have landed, whole
         assert_whole(got)
         await s.close()
@@ -370,125 +408,14 @@ async def test_hung_redis_times_out_as_unavailable(tmp_path: Path) -> None:
 async def test_connect_to_a_dead_url_is_unavailable(tmp_path: Path) -> None:
     server = RedisServer(tmp_path / "never")  # never started: nothing listens on its port
     with pytest.raises(StoreUnavailable):
-        await SessionStore.connect(server.url, data_dir=tmp_path, socket_timeout_s=0.5)
+        await SessionStore.connect(server.url, socket_timeout_s=0.5)
 
 
-# -- embedded Redis -----------------------------------------------------------------------------
-
-
-async def test_embedded_redis_persists_across_restarts(tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
-    s = await SessionStore.connect(None, data_dir=data_dir)
-    assert s.embedded is not None and s.embedded.url == f"unix://{data_dir / 'redis.sock'}"
-    pid = s.embedded.pid
-    assert pid is not None
-    rec = record("persist")
-    await s.create(rec)
-    assert await s.save([(advanced(rec), 1)]) == [WriteOutcome.OK]
-    await s.close()
-    assert gone(pid)
-    assert not (data_dir / "redis.sock").exists()
-
-    s = await SessionStore.connect(None, data_dir=data_dir)
-    try:
-        [got] = await s.load(["persist"], with_reply=True)
-        assert got is not None and got.revision == 2 and got.states == consistent_states(2)
-    finally:
-        await s.close()
-
-
-async def test_embedded_redis_with_a_long_data_dir(tmp_path: Path) -> None:
-    data_dir = tmp_path.joinpath(*["a-rather-long-directory-name"] * 5)
-    assert len(str(data_dir / "redis.sock")) > 108
-    s = await SessionStore.connect(None, data_dir=data_dir)
-    assert s.embedded is not None
-    socket_path = s.embedded.socket_path
-    assert len(socket_path) <= er.MAX_SOCKET_PATH
-    await s.create(record("long"))
-    assert await s.count() == 1
-    await s.close()
-    assert not os.path.exists(os.path.dirname(socket_path))  # the private socket dir is removed
-    assert (data_dir / "appendonlydir").is_dir() or (data_dir / "appendonly.aof").is_file()
-
-
-async def test_embedded_redis_refuses_a_data_dir_in_use(tmp_path: Path) -> None:
-    first = EmbeddedRedis(tmp_path)
-    await asyncio.to_thread(first.start)
-    try:
-        with pytest.raises(EmbeddedRedisError, match="in use"):
-            await asyncio.to_thread(EmbeddedRedis(tmp_path).start)
-        assert first.running
-        with redis.Redis(unix_socket_path=first.socket_path) as c:
-            assert c.ping()
-    finally:
-        first.stop()
-    assert not first.running
-
-
-async def test_embedded_redis_stops_an_orphan_of_a_dead_service(tmp_path: Path) -> None:
-    """A service killed hard leaves its redis-server running; the next start shuts it down
-    cleanly (its data kept) instead of running two servers on one AOF."""
-    code = (
-        "import os, sys, redis; from pathlib import Path;"
-        "from service.store.embedded import EmbeddedRedis;"
-        "e = EmbeddedRedis(Path(sys.argv[1])); e.start();"
-        "redis.Redis(unix_socket_path=e.socket_path).set('left', 'behind');"
-        "print(e.pid, flush=True); os._exit(0)"
-    )
-    out = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-c", code, str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    orphan = int(out.stdout.strip())
-    assert not gone(orphan)
-    e = EmbeddedRedis(tmp_path)
-    await asyncio.to_thread(e.start)
-    try:
-        assert gone(orphan)
-        with redis.Redis(unix_socket_path=e.socket_path) as c:
-            assert c.get("left") == b"behind"
-    finally:
-        e.stop()
-
-
-async def test_embedded_redis_start_failure_shows_the_log(tmp_path: Path) -> None:
-    fake = tmp_path / "redis-server"
-    fake.write_text("#!/bin/sh\necho 'FATAL: something is wrong with the config' >&2\nexit 1\n")
-    fake.chmod(0o755)
-    with pytest.raises(EmbeddedRedisError, match="something is wrong"):
-        await asyncio.to_thread(EmbeddedRedis(tmp_path / "d", executable=str(fake)).start)
-    # The lock was released: a real start on the same directory works.
-    e = EmbeddedRedis(tmp_path / "d")
-    await asyncio.to_thread(e.start)
-    e.stop()
-
-
-async def test_no_redis_server_anywhere_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PATH", "")
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(EmbeddedRedisError, match=r"install redis-server .* or set a Redis URL"):
-        er.find_redis_server()
-
-
-async def test_embedded_redis_refuses_a_newer_aof_with_an_old_binary(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    (tmp_path / "appendonlydir").mkdir()
-    monkeypatch.setattr(er, "server_version", lambda exe: (6, 2, 14))
-    with pytest.raises(EmbeddedRedisError, match=r"older than 7\.0"):
-        EmbeddedRedis(tmp_path).start()
-
-
-async def test_callers_beyond_the_connection_limit_wait_instead_of_failing(redis_url: str, tmp_path: Path) -> None:
-    s = await SessionStore.connect(redis_url, data_dir=tmp_path, max_connections=3)
+async def test_callers_beyond_the_connection_limit_wait_instead_of_failing(redis_url: str) -> None:
+    s = await SessionStore.connect(redis_url, max_connections=3)
     try:
         assert await s.create(record("busy"))
         results = await asyncio.gather(*(s.load(["busy"]) for _ in range(60)))
-        assert all(r[0] is not None and r[0].session_id == "busy" for r in results)
+        assert all(isinstance(r[0], SessionRecord) and r[0].session_id == "busy" for r in results)
     finally:
         await s.close()

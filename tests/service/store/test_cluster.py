@@ -6,7 +6,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,11 +14,12 @@ import redis
 from model_export.verify import random_inputs
 from service.engine.model import RecurrentModel
 from service.errors import StoreUnavailable
-from service.store.store import _SCRIPTS, SessionStore, WriteOutcome, session_key
+from service.store.scripts import SCRIPTS
+from service.store.store import SessionRecord, SessionStore, WriteOutcome, session_key
 from tests.engines import assert_matches_offline, exported_state, running_engine
 from tests.redis_cluster_fixture import RedisClusterServers, running_cluster
 from tests.redis_fixture import RedisServer
-from tests.service.store.test_store import advanced, assert_whole, consistent_states, record
+from tests.service.store.test_store import advanced, assert_whole, consistent_states, present, record
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -41,8 +41,8 @@ def cluster_url(redis_cluster: RedisClusterServers) -> str:
 
 
 @pytest.fixture
-async def store(cluster_url: str, tmp_path: Path) -> AsyncIterator[SessionStore]:
-    s = await SessionStore.connect(cluster_url, data_dir=tmp_path)
+async def store(cluster_url: str) -> AsyncIterator[SessionStore]:
+    s = await SessionStore.connect(cluster_url)
     yield s
     await s.close()
 
@@ -72,28 +72,26 @@ def ports_of(cluster: RedisClusterServers, ids: list[str]) -> dict[str, int]:
 async def test_any_node_url_is_recognised_as_a_cluster(
     redis_cluster: RedisClusterServers,
     redis_url: str,
-    tmp_path: Path,
 ) -> None:
     for node in redis_cluster.nodes:
-        s = await SessionStore.connect(node.url, data_dir=tmp_path)
+        s = await SessionStore.connect(node.url)
         try:
             assert s.cluster
             await s.ping()
         finally:
             await s.close()
-    single = await SessionStore.connect(redis_url, data_dir=tmp_path)
+    single = await SessionStore.connect(redis_url)
     try:
         assert not single.cluster
     finally:
         await single.close()
     with pytest.raises(ValueError, match="cluster"):  # a cluster has only database 0
-        await SessionStore.connect(f"redis://127.0.0.1:{redis_cluster.nodes[0].port}/1", data_dir=tmp_path)
+        await SessionStore.connect(f"redis://127.0.0.1:{redis_cluster.nodes[0].port}/1")
 
 
 async def test_detection_without_info(
     redis_cluster: RedisClusterServers,
     redis_server: RedisServer,
-    tmp_path: Path,
 ) -> None:
     """A user that may not run INFO: CLUSTER INFO decides (a single Redis refuses it)."""
     servers = [*redis_cluster.nodes, redis_server]
@@ -105,7 +103,7 @@ async def test_detection_without_info(
             url = f"redis://noinfo@127.0.0.1:{server.port}/0"
             with redis.Redis.from_url(url) as c, pytest.raises(redis.exceptions.NoPermissionError):
                 c.info("cluster")
-            s = await SessionStore.connect(url, data_dir=tmp_path)
+            s = await SessionStore.connect(url)
             try:
                 assert s.cluster is is_cluster
                 assert await s.create(record("acl")) and await s.load(["acl"]) != [None]
@@ -136,17 +134,17 @@ async def test_batches_spread_over_every_node_are_one_round_trip_each(
     assert store.round_trips == before + 1
     assert loaded[-1] is None
     for r, got in zip(recs, loaded, strict=False):
-        assert got is not None and got.expires_in is not None and 599 < got.expires_in <= 600
+        assert isinstance(got, SessionRecord) and got.expires_in is not None and 599 < got.expires_in <= 600
         assert replace(got, expires_in=None) == r
     lean = await store.load(IDS)
-    assert all(r is not None and r.last_reply == b"" and r.last_digest == "d" for r in lean)
+    assert all(isinstance(r, SessionRecord) and r.last_reply == b"" and r.last_digest == "d" for r in lean)
 
     writes = [(advanced(r), r.revision) for r in recs]
     before = store.round_trips
     assert await store.save(writes) == [WriteOutcome.OK] * len(IDS)
     assert store.round_trips == before + 1
     for (w, _), got in zip(writes, await store.load(IDS, with_reply=True), strict=True):
-        assert got is not None and replace(got, expires_in=None) == w
+        assert isinstance(got, SessionRecord) and replace(got, expires_in=None) == w
         assert_whole(got)
 
 
@@ -159,7 +157,8 @@ async def test_cas_conflict_and_missing(store: SessionStore) -> None:
     stale = replace(advanced(rec), step=99, states=(b"stale",))
     assert await store.save([(stale, 1)]) == [WriteOutcome.CONFLICT]
     [got] = await store.load(["cas"], with_reply=True)
-    assert got is not None and replace(got, expires_in=None) == first
+    assert isinstance(got, SessionRecord)
+    assert isinstance(got, SessionRecord) and replace(got, expires_in=None) == first
 
     assert await store.delete("cas") and not await store.delete("cas")
     assert await store.save([(advanced(first), 2)]) == [WriteOutcome.MISSING]
@@ -170,10 +169,9 @@ async def test_cas_conflict_and_missing(store: SessionStore) -> None:
 async def test_two_stores_on_different_nodes_racing(
     redis_cluster: RedisClusterServers,
     cluster_url: str,
-    tmp_path: Path,
 ) -> None:
-    a = await SessionStore.connect(redis_cluster.nodes[0].url, data_dir=tmp_path)
-    b = await SessionStore.connect(redis_cluster.nodes[2].url, data_dir=tmp_path)
+    a = await SessionStore.connect(redis_cluster.nodes[0].url)
+    b = await SessionStore.connect(redis_cluster.nodes[2].url)
     try:
         ids = IDS[:12]
         for sid in ids:
@@ -181,12 +179,14 @@ async def test_two_stores_on_different_nodes_racing(
         assert len(set(ports_of(redis_cluster, ids).values())) == 3
         for _ in range(40):
             current = await a.load(ids)
-            mine = [(advanced(r, 1), r.revision) for r in current if r]
-            theirs = [(replace(advanced(r, 2), last_digest="b"), r.revision) for r in current if r]
+            mine = [(advanced(r, 1), r.revision) for r in present(current)]
+            theirs = [
+                (replace(advanced(r, 2), last_digest="b"), r.revision) for r in current if isinstance(r, SessionRecord)
+            ]
             oa, ob = await asyncio.gather(a.save(mine), b.save(theirs))
             for x, y in zip(oa, ob, strict=True):  # exactly one winner per session per round
                 assert sorted((x.value, y.value)) == ["conflict", "ok"]
-        assert [r.revision if r else 0 for r in await b.load(ids)] == [41] * len(ids)
+        assert [r.revision if isinstance(r, SessionRecord) else 0 for r in await b.load(ids)] == [41] * len(ids)
     finally:
         await a.close()
         await b.close()
@@ -218,7 +218,7 @@ async def test_scripts_are_reloaded_on_every_primary(store: SessionStore, redis_
         out = []
         for node in redis_cluster.nodes:
             with node.client() as c:
-                out.append(c.script_exists(*(s.sha for s in _SCRIPTS.values())))
+                out.append(c.script_exists(*(s.sha for s in SCRIPTS.values())))
         return out
 
     ids = IDS[:30]
@@ -236,22 +236,22 @@ async def test_scripts_are_reloaded_on_every_primary(store: SessionStore, redis_
     before = store.round_trips
     loaded = await store.load(ids)
     assert store.round_trips == before + 5  # refused, SCRIPT LOAD x3 (each on all primaries), re-sent
-    assert all(r is not None and r.revision == 1 for r in loaded)
+    assert all(isinstance(r, SessionRecord) and r.revision == 1 for r in loaded)
 
     with redis_cluster.nodes[1].client() as c:  # only one node forgot them (e.g. it restarted)
         c.script_flush()
-    writes = [(advanced(r), r.revision) for r in loaded if r]
+    writes = [(advanced(r), r.revision) for r in present(loaded)]
     before = store.round_trips
     assert await store.save(writes) == [WriteOutcome.OK] * len(ids)
     assert store.round_trips == before + 5
     before = store.round_trips
-    assert [r.revision if r else 0 for r in await store.load(ids)] == [2] * len(ids)
+    assert [r.revision if isinstance(r, SessionRecord) else 0 for r in await store.load(ids)] == [2] * len(ids)
     assert store.round_trips == before + 1
 
 
-async def test_callers_beyond_the_connection_limit_wait_instead_of_failing(cluster_url: str, tmp_path: Path) -> None:
+async def test_callers_beyond_the_connection_limit_wait_instead_of_failing(cluster_url: str) -> None:
     """redis-py's cluster pools raise when a node's connections are all busy; the store queues instead."""
-    s = await SessionStore.connect(cluster_url, data_dir=tmp_path, max_connections=2)
+    s = await SessionStore.connect(cluster_url, max_connections=2)
     try:
         for sid in IDS[:9]:
             assert await s.create(record(sid))
@@ -266,9 +266,9 @@ async def test_callers_beyond_the_connection_limit_wait_instead_of_failing(clust
 # -- resharding and outages (a private cluster) -------------------------------------------------
 
 
-async def test_a_slot_moved_to_another_node_is_followed(disturbed: RedisClusterServers, tmp_path: Path) -> None:
+async def test_a_slot_moved_to_another_node_is_followed(disturbed: RedisClusterServers) -> None:
     disturbed.flushall()
-    s = await SessionStore.connect(disturbed.url, data_dir=tmp_path, socket_timeout_s=1.0)
+    s = await SessionStore.connect(disturbed.url, socket_timeout_s=1.0)
     try:
         recs = [record(sid) for sid in IDS[:20]]
         for r in recs:
@@ -287,24 +287,22 @@ async def test_a_slot_moved_to_another_node_is_followed(disturbed: RedisClusterS
                     c.execute_command("CLUSTER SETSLOT", slot, "NODE", node_id[target.port])
         assert disturbed.node_of(key) is target
         loaded = await s.load(IDS[:20])  # MOVED for one key: redis-py follows it and learns the new owner
-        assert [r.revision if r else 0 for r in loaded] == [1] * 20
-        assert await s.save([(advanced(r), r.revision) for r in loaded if r]) == [WriteOutcome.OK] * 20
+        assert [r.revision if isinstance(r, SessionRecord) else 0 for r in loaded] == [1] * 20
+        assert await s.save([(advanced(r), r.revision) for r in present(loaded)]) == [WriteOutcome.OK] * 20
         with target.client() as c:
             assert c.hget(key, "revision") == b"2"
     finally:
         await s.close()
 
 
-async def test_cluster_down_and_a_crashed_node_are_unavailable_then_recover(
-    disturbed: RedisClusterServers, tmp_path: Path
-) -> None:
+async def test_cluster_down_and_a_crashed_node_are_unavailable_then_recover(disturbed: RedisClusterServers) -> None:
     disturbed.flushall()
-    s = await SessionStore.connect(disturbed.nodes[0].url, data_dir=tmp_path, socket_timeout_s=0.5)
+    s = await SessionStore.connect(disturbed.nodes[0].url, socket_timeout_s=0.5)
     try:
         ids = IDS[:30]
         for sid in ids:
             assert await s.create(record(sid))
-        loaded = [r for r in await s.load(ids) if r]
+        loaded = [r for r in present(await s.load(ids))]
         assert await s.save([(advanced(r), r.revision) for r in loaded]) == [WriteOutcome.OK] * 30
         ports = ports_of(disturbed, ids)
         victim = disturbed.nodes[2]
@@ -341,9 +339,9 @@ async def test_cluster_down_and_a_crashed_node_are_unavailable_then_recover(
         victim.start()
         disturbed.wait_ok()
         current = await s.load(ids, with_reply=True)
-        assert [r.revision if r else 0 for r in current] == [2] * 30
-        assert all(r is not None and r.states == consistent_states(2) for r in current)
-        assert await s.save([(advanced(r), r.revision) for r in current if r]) == [WriteOutcome.OK] * 30
+        assert [r.revision if isinstance(r, SessionRecord) else 0 for r in current] == [2] * 30
+        assert all(isinstance(r, SessionRecord) and r.states == consistent_states(2) for r in current)
+        assert await s.save([(advanced(r), r.revision) for r in present(current)]) == [WriteOutcome.OK] * 30
         assert await s.count() == 30
     finally:
         await s.close()
