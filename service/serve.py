@@ -307,9 +307,12 @@ def run(settings: Settings) -> None:
 
             app = create_app(settings, models=load_served_models(settings))
             server = DrainingServer(uvicorn_config(app, settings, **options))
-            server.run(sockets=[sock])
-            if not server.started:
-                raise StartupError("the server failed to start (its error is logged above)")
+            try:
+                server.run(sockets=[sock])
+            except SystemExit as e:  # uvicorn exits this way when the app's start-up fails
+                if e.code == STARTUP_FAILURE:
+                    raise StartupError("the server failed to start (its error is logged above)") from None
+                raise
     finally:
         sock.close()
         if embedded is not None:
