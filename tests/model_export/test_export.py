@@ -1,4 +1,4 @@
-"""The invariant of DESIGN §1 for every exported test model, in both forms (hypothesis)."""
+"""The invariant of docs/contract.md for every exported test model, in both forms (hypothesis)."""
 
 from __future__ import annotations
 

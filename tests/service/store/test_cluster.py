@@ -1,4 +1,4 @@
-"""SessionStore against a real three-primary Redis Cluster (DESIGN §2: "Redis Cluster URLs work")."""
+"""SessionStore against a real three-primary Redis Cluster (docs/contract.md §2: "Redis Cluster URLs work")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The record codec, and a corrupt record end to end: only that session's requests fail (DESIGN §2)."""
+"""The record codec, and a corrupt record end to end: only that session's requests fail (docs/contract.md §2)."""
 
 from __future__ import annotations
 

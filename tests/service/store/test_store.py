@@ -1,4 +1,4 @@
-"""SessionStore against real redis-server processes (DESIGN §2)."""
+"""SessionStore against real redis-server processes (docs/contract.md §2)."""
 
 from __future__ import annotations
 
