@@ -14,7 +14,7 @@ from pydantic_settings import SettingsError
 
 from service.config import BUNDLED_MODEL, model_flags
 from service.engine.contract import FlagDeclaration
-from service.errors import ModelContractError, UnknownSetting
+from service.errors import EmbeddedRedisError, ModelContractError, StartupError, UnknownSetting
 
 
 def _flags(args: argparse.Namespace) -> FlagDeclaration:
@@ -157,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         # bad configuration: say what is wrong, as argparse does for a bad flag
         print(f"carryover {args.command}: {e}", file=sys.stderr)
         return 2
+    except (StartupError, EmbeddedRedisError, ModelContractError) as e:
+        # cannot start: one line, no traceback (the cause is the user's to fix, not a bug)
+        print(f"carryover {args.command}: {e}", file=sys.stderr)
+        return 1
     return code
 
 

@@ -84,17 +84,21 @@ class LoopGRU(nn.Module):
         return torch.stack(ys, 1), torch.stack([ha, hb], 0)
 
 
+Shapes = dict[str, tuple[int, ...]]
+Reference = Callable[[np.ndarray], tuple[np.ndarray, dict[str, np.ndarray]]]
+
+
 @dataclass(frozen=True)
 class ThirdParty:
     module: nn.Module
     path: Path
     state: list[str]  # the --state pairs that serve it
-    states: dict[str, tuple[int, ...]]  # state input -> its shape in the graph's layout at B = 1
-    reference: Callable[[np.ndarray], tuple[np.ndarray, dict[str, np.ndarray]]]  # x [T, F] -> y [T, ...], states
+    states: Shapes  # state input -> its shape in the graph's layout at B = 1
+    reference: Reference  # x [T, F] -> y [T, ...], states
     mask: str | None = None  # the --mask flag, where the mask is not named "mask"
 
 
-def _step_reference(module: nn.Module, states: dict[str, tuple[int, ...]], batch_axis: int) -> Callable[..., object]:
+def _step_reference(module: nn.Module, states: Shapes, batch_axis: int) -> Reference:
     def run(x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         state = [torch.zeros(shape) for shape in states.values()]
         ys = []
@@ -107,7 +111,7 @@ def _step_reference(module: nn.Module, states: dict[str, tuple[int, ...]], batch
     return run
 
 
-def _loop_reference(module: nn.Module, mask_dtype: torch.dtype) -> Callable[..., object]:
+def _loop_reference(module: nn.Module, mask_dtype: torch.dtype) -> Reference:
     def run(x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         with torch.no_grad():
             y, hn = module(torch.from_numpy(x[None]), torch.ones(1, len(x), dtype=mask_dtype), torch.zeros(2, 1, H))
@@ -133,7 +137,7 @@ def export_third_party(folder: Path) -> dict[str, ThirdParty]:
             output_names=["y", "hn"],
             dynamic_axes={**layered, "h0": {1: "B"}, "hn": {1: "B"}},
         )
-        shapes = {"h0": (2, 1, H)}
+        shapes: Shapes = {"h0": (2, 1, H)}
         out["gru_step"] = ThirdParty(
             gru, folder / "gru_step.onnx", ["h0:hn:1"], shapes, _step_reference(gru, shapes, 1)
         )

@@ -43,7 +43,7 @@ def test_pairs_batch_axes_mask_and_form() -> None:
     assert found.form is None and "no [B, T] mask input" in found.notes[0]
 
 
-def _concat_model(path: Path, out_shape: list[object]) -> Path:
+def _concat_model(path: Path, out_shape: list[str | int | None]) -> Path:
     """y = x, hn = h0 tiled by x's width (twice as wide as h0); shape inference cannot tell."""
     f = TensorProto.FLOAT
     ones = helper.make_tensor("one", TensorProto.INT64, [1], [1])
