@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -14,6 +15,7 @@ import redis
 from service.errors import TooManySessions
 from service.store import counting
 from service.store.store import SessionRecord, SessionStore, session_key
+from tests.redis_cluster_fixture import running_cluster
 
 
 def record(session_id: str, owner: str = "", ttl_s: int = 60) -> SessionRecord:
@@ -136,3 +138,22 @@ async def test_racing_replicas_never_overshoot(store: SessionStore, redis_url: s
         assert await counts(other, "o") == (5, 5)
     finally:
         await other.close()
+
+
+async def test_index_and_bucket_work_in_a_cluster(tmp_path: Path) -> None:
+    """Sessions spread over three primaries; the index is one slot, every script stays atomic."""
+    with running_cluster(tmp_path / "cluster") as cluster:
+        s = await SessionStore.connect(cluster.url)
+        try:
+            for i in range(12):
+                await s.create(record(f"o:{i}", "o", ttl_s=1 if i < 4 else 60), max_per_owner=12)
+            assert len({cluster.node_of(session_key(f"o:{i}")).port for i in range(12)}) > 1
+            with pytest.raises(TooManySessions):
+                await s.create(record("o:12", "o"), max_per_owner=12)
+            assert await s.delete("o:11", "o")
+            assert await counts(s, "o") == (11, 11)
+            await asyncio.sleep(1.2)
+            assert await counts(s, "o") == (7, 7) and await s.count() == 7
+            assert [await s.take_token("o", 1.0, 2) == 0.0 for _ in range(3)] == [True, True, False]
+        finally:
+            await s.close()
