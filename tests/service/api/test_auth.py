@@ -242,6 +242,7 @@ async def test_edited_key_file_applies_without_restart(
 async def test_sighup_reloads_the_keys(tmp_path: Path) -> None:
     key_file = write_keys(tmp_path / "keys.txt", alice=ALICE)
     ring = KeyRing(key_file, check_interval_s=3600)  # no change detection: only the signal reloads
+    assert ring.authenticate(ALICE) is not None  # (the first call looks at the file: before the edit)
     _reload_keys_on_sighup(Auth(ring))
     try:
         write_keys(key_file, bob=BOB)
