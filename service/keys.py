@@ -87,8 +87,8 @@ class KeyRing:
         self._lock = threading.Lock()
         self._keys: dict[str, ApiKey] = {}
         self._signature: tuple[int, int, int] | None = None
-        self._checked = 0.0
         self._load(strict=True)
+        self._checked = time.monotonic()  # just read: the next look is one interval away
 
     def __len__(self) -> int:
         return len(self._keys)
