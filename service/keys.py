@@ -88,7 +88,7 @@ class KeyRing:
         self._keys: dict[str, ApiKey] = {}
         self._signature: tuple[int, int, int] | None = None
         self._load(strict=True)
-        self._checked = time.monotonic()  # just read: the next look is one interval away
+        self._checked = time.monotonic()  # the interval runs from this load, not from the clock's zero
 
     def __len__(self) -> int:
         return len(self._keys)
