@@ -29,10 +29,10 @@ from service.errors import (
     InvalidInput,
     ModelMismatch,
     ModelNotFound,
+    RateLimited,
     SessionCorrupt,
     SessionExists,
     SessionNotFound,
-    TooManySessions,
     Unavailable,
 )
 from service.metrics import Metrics
@@ -57,7 +57,6 @@ SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,127}$")
 SESSION_ID_RULE = "1-128 characters of A-Z a-z 0-9 . _ ~ - starting with a letter or digit"
 MAX_TTL_S = 366 * 86_400
 STEP_FIELDS = frozenset({"inputs", "step"})
-COUNT_CACHE_S = 1.0
 ROUTING_STRIPES = 256
 
 
@@ -148,7 +147,6 @@ class SessionService:
         self.metrics = metrics
         self._session_model: dict[str, str] = {}  # routing cache for multi-model servers
         self._routing_locks = [asyncio.Lock() for _ in range(ROUTING_STRIPES)]
-        self._count: tuple[float, int] = (0.0, 0)
 
     async def start(self) -> None:
         for s in self.schedulers.values():
@@ -200,7 +198,6 @@ class SessionService:
         ttl = checked_ttl(ttl_s, self.settings.session_ttl_s)
         if session_id is not None and not is_session_id(session_id):
             raise InvalidInput(f"session_id must be {SESSION_ID_RULE}")
-        await self._check_capacity()
         now = time.time()
         if fork_from is not None:
             source = await self._load(fork_from, owner)
@@ -228,16 +225,17 @@ class SessionService:
             updated_at=now,
             ttl_s=ttl,
         )
-        if not await self.store.create(record):
+        # The store counts the session and enforces both session limits in Redis (every replica's).
+        limits = {"max_sessions": self.settings.max_sessions, "max_per_owner": self.settings.max_sessions_per_key}
+        if not await self.store.create(record, **limits):
             raise SessionExists(f"session {public_id!r} already exists")
-        self._count = (self._count[0], self._count[1] + 1)
         return self._info(public_id, replace(record, expires_in=float(ttl)))
 
     async def get(self, session_id: str, owner: str = "") -> SessionInfo:
         return self._info(session_id, await self._load(session_id, owner))
 
     async def delete(self, session_id: str, owner: str = "") -> None:
-        if not await self.store.delete(self._key(session_id, owner)):
+        if not await self.store.delete(self._key(session_id, owner), owner):
             raise _not_found(session_id)
         self._session_model.pop(self._key(session_id, owner), None)
 
@@ -287,6 +285,25 @@ class SessionService:
             raise _not_found(session_id)
         return record.model
 
+    # -- access -----------------------------------------------------------------------------
+    async def admit(self, owner: str) -> None:
+        """One request of ``owner`` against its rate limit (``rate_limit_rps``, a token bucket in
+        Redis shared by every replica): ``RateLimited`` with the wait when it is used up."""
+        rate = self.settings.rate_limit_rps
+        if rate <= 0:
+            return
+        wait = await self.store.take_token(owner, rate, self.settings.rate_limit_burst)
+        if wait > 0:
+            raise RateLimited(f"this API key's limit of {rate:g} requests per second is reached", retry_after=wait)
+
+    async def count(self, owner: str = "") -> tuple[int, int]:
+        """Live sessions ``(of the store, of owner)``, O(1) (see ``service.store.counting``);
+        also sets the sessions gauge."""
+        tally = await self.store.count_sessions(owner)
+        if self.metrics:
+            self.metrics.sessions.set(tally.total)
+        return tally.total, tally.owned
+
     # -- readiness --------------------------------------------------------------------------
     async def ping(self) -> None:
         """Readiness: the store answers within ``redis_timeout_s``, else ``Unavailable``."""
@@ -320,16 +337,6 @@ class SessionService:
         if not is_session_id(session_id):
             raise _not_found(session_id)
         return f"{owner}:{session_id}" if owner else session_id
-
-    async def _check_capacity(self) -> None:
-        checked, count = self._count
-        if time.monotonic() - checked > COUNT_CACHE_S:
-            count = await self.store.count()
-            self._count = (time.monotonic(), count)
-            if self.metrics:
-                self.metrics.sessions.set(count)
-        if count >= self.settings.max_sessions:
-            raise TooManySessions(f"the server holds its limit of {self.settings.max_sessions} sessions")
 
     async def _load(self, session_id: str, owner: str) -> SessionRecord:
         (record,) = await self.store.load([self._key(session_id, owner)])

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI, WebSocket
 
+from service.api.auth import auth_of, authenticate_websocket
 from service.api.problems import (
     CLOSE_INTERNAL,
     CLOSE_RESTART,
@@ -19,7 +20,7 @@ from service.api.problems import (
     ws_error_message,
     ws_setup_close_code,
 )
-from service.api.state import app_state, owner_of
+from service.api.state import app_state
 from service.api.ws_protocol import (
     Chunk,
     decode_binary,
@@ -76,9 +77,7 @@ Opener = Callable[[SessionService, str], Awaitable[SessionInfo]]
 async def _serve(websocket: WebSocket, open_session: Opener) -> None:
     state = app_state(websocket.app)
     settings = state.settings
-    connection = _Connection(
-        websocket, state.session_service(), owner_of(websocket), settings.max_body_bytes, settings.ws_max_in_flight
-    )
+    connection = _Connection(websocket, state.session_service(), settings.max_body_bytes, settings.ws_max_in_flight)
     state.streams.add(connection)
     state.metrics.ws_connections.inc()
     try:
@@ -97,12 +96,11 @@ class _Connection:
     order, send its reply) joined by a queue; a semaphore of ``max_in_flight`` slots, taken before
     each read and given back after each reply, is the backpressure."""
 
-    def __init__(
-        self, websocket: WebSocket, sessions: SessionService, owner: str, max_bytes: int, max_in_flight: int
-    ) -> None:
+    def __init__(self, websocket: WebSocket, sessions: SessionService, max_bytes: int, max_in_flight: int) -> None:
         self.websocket = websocket
         self.sessions = sessions
-        self.owner = owner
+        self.owner = ""  # set by authentication, the first thing ``run`` does
+        self.slot = contextlib.ExitStack()  # the owner's open-stream slot, held until the end
         self.max_bytes = max_bytes
         self.slots = asyncio.Semaphore(max_in_flight)
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
@@ -119,6 +117,8 @@ class _Connection:
         try:
             if self.stop is None:
                 try:
+                    self.owner = await authenticate_websocket(self.websocket)
+                    self.slot.enter_context(auth_of(self.websocket).stream_slot(self.owner))
                     info = await open_session(self.sessions, self.owner)
                     self.contract = self.sessions.model(info.model).contract
                 except CarryoverError as e:
@@ -141,6 +141,7 @@ class _Connection:
             log.exception("WebSocket connection failed")
             self.stop = self.stop or (CLOSE_INTERNAL, "internal")
         finally:
+            self.slot.close()
             for task in (self.reader, self.writer, *self.steps):
                 if task is not None:
                     task.cancel()
@@ -180,7 +181,11 @@ class _Connection:
                     error = PayloadTooLarge(f"the message is over the limit of {self.max_bytes} bytes")
                     self.queue.put_nowait(_Item(error=error))
                     return False
+                await self.sessions.admit(self.owner)  # the key's rate limit: each chunk is a request
                 item = self._start(message)
+            except CarryoverError as e:  # rate limited, or Redis away: answered, then closed
+                self.queue.put_nowait(_Item(error=e))
+                return False
             except Exception:
                 log.exception("WebSocket chunk could not be started")
                 self.queue.put_nowait(_Item(error=CarryoverError("internal error while reading the message")))
