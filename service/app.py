@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from service.api.http import install_http
 from service.api.state import AppState, install_state
+from service.api.v2 import install_v2
 from service.api.ws import install_ws
 from service.config import Settings
 from service.engine.model import RecurrentModel
@@ -80,4 +81,5 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, Recurre
     install_state(app, state)
     install_http(app, state)
     install_ws(app)
+    install_v2(app)
     return app
