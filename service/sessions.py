@@ -11,7 +11,7 @@ safely with in-flight steps (a step that loses the race runs again on the new st
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import contextlib
 import re
 import secrets
 import time
@@ -51,15 +51,14 @@ __all__ = [
     "StepCall",
     "StepReply",
     "checked_step",
+    "is_derived_id",
     "is_session_id",
     "parse_step",
-    "sequence_session_id",
 ]
 
 # One rule for every session id, chosen at create or named in a path: URL-safe without escaping.
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,127}$")
 SESSION_ID_RULE = "1-128 characters of A-Z a-z 0-9 . _ ~ - starting with a letter or digit"
-SEQUENCE_MODEL = re.compile(r"^[A-Za-z0-9_-]{1,48}$")
 MAX_TTL_S = 366 * 86_400
 STEP_FIELDS = frozenset({"inputs", "step"})
 COUNT_CACHE_S = 1.0
@@ -72,29 +71,9 @@ def is_session_id(value: object) -> bool:
     return isinstance(value, str) and SESSION_ID.match(value) is not None
 
 
-def sequence_session_id(model: str, sequence: int | str) -> str:
-    """The session that holds sequence ``sequence`` of ``model`` (``/v2``'s ``sequence_id``):
-    ``~v2.<model>.<id>``. The leading ``~`` is outside the session id rule, so no client-chosen
-    id can ever name it; ints are their digits, strings ``s<string>`` when they follow the rule
-    (up to 64 characters), else ``~`` + 32 hex of their sha256; a model name outside
-    ``[A-Za-z0-9_-]{1,48}`` is ``~`` + 16 hex of its sha256. The parts cannot collide."""
-    model_part = model if SEQUENCE_MODEL.match(model) else "~" + _sha256(model)[:16]
-    if isinstance(sequence, int):
-        id_part = str(sequence)
-    elif is_session_id(sequence) and len(sequence) <= 64:
-        id_part = "s" + sequence
-    else:
-        id_part = "~" + _sha256(sequence)[:32]
-    return f"~v2.{model_part}.{id_part}"
-
-
-def is_sequence_id(value: str) -> bool:
-    """Whether ``value`` is a session id made by ``sequence_session_id``."""
-    return value.startswith("~v2.") and is_session_id(value[1:])
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+def is_derived_id(value: str) -> bool:
+    """``~`` + an id that follows the rule: named by a transport (``/v2``), never by a client."""
+    return value[:1] == "~" and is_session_id(value[1:])
 
 
 def checked_step(value: object) -> int | None:
@@ -226,15 +205,11 @@ class SessionService:
         ttl_s: int | None = None,
         fork_from: str | None = None,
         owner: str = "",
-    ) -> SessionInfo:
-        if session_id is not None and not is_session_id(session_id):
-            raise InvalidInput(f"session_id must be {SESSION_ID_RULE}")
-        return await self._create(model, session_id, ttl_s, fork_from, owner)
-
-    async def _create(
-        self, model: str | None, session_id: str | None, ttl_s: int | None, fork_from: str | None, owner: str
+        derived: bool = False,  # a transport's own id (``is_derived_id``) instead of a client's
     ) -> SessionInfo:
         ttl = checked_ttl(ttl_s, self.settings.session_ttl_s)
+        if session_id is not None and not (is_derived_id if derived else is_session_id)(session_id):
+            raise InvalidInput(f"session_id must be {SESSION_ID_RULE}")
         await self._check_capacity()
         now = time.time()
         if fork_from is not None:
@@ -282,38 +257,26 @@ class SessionService:
 
         return self._info(session_id, await self._rewrite(session_id, owner, zeros))
 
-    async def start_sequence(self, session_id: str, model: str, owner: str = "") -> SessionInfo:
-        """Where a sequence (``sequence_session_id``) starts: created at the initial state, or
-        reset to it when it exists (a restart of the sequence)."""
-        if not is_sequence_id(session_id):
-            raise InvalidInput(f"{session_id!r:.140} is not a sequence's session id")
-        for _ in range(MAX_ATTEMPTS):
-            try:
-                return await self._create(model, session_id, None, None, owner)
-            except SessionExists:
-                pass
-            try:
-                return await self.reset(session_id, owner)
-            except SessionNotFound:
-                continue  # ended between the two: create it again
-        raise SessionExists(f"sequence session {session_id!r:.140} keeps changing; try again")
+    async def start_over(self, session_id: str, model: str, inputs: Mapping[str, Any], owner: str = "") -> None:
+        """A derived session at the initial state (created, or reset), once its first ``inputs`` check out."""
+        validate_inputs(self.model(model).contract, inputs, self.settings.max_steps_per_request)
+        for _ in range(MAX_ATTEMPTS):  # create, else reset; again if it is deleted in between
+            with contextlib.suppress(SessionExists):
+                await self.create(model=model, session_id=session_id, owner=owner, derived=True)
+                return
+            with contextlib.suppress(SessionNotFound):
+                await self.reset(session_id, owner)
+                return
+        raise SessionExists(f"session {session_id!r:.140} keeps changing; try again")
 
-    async def run_fresh(self, model: str | None, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """A call without a session: ``inputs`` (leading T axis) run alone from the initial
-        state, nothing stored. The ``[T, ...]`` outputs; the final state is dropped."""
+    async def run_fresh(self, model: str, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """``inputs`` run alone from the initial state, nothing stored: the ``[T, ...]`` outputs."""
         served = self.model(model)
         arrays = validate_inputs(served.contract, inputs, self.settings.max_steps_per_request)
-        steps = next(iter(arrays.values())).shape[0]
+        mask = np.ones((1, next(iter(arrays.values())).shape[0]), dtype=bool)
         batch = {name: a[None] for name, a in arrays.items()}
-        mask = np.ones((1, steps), dtype=bool)
         result = await asyncio.to_thread(served.run, batch, mask, served.contract.initial_states(1))
         return {name: out[0] for name, out in result.outputs.items()}
-
-    def check_inputs(self, model: str | None, inputs: Mapping[str, Any]) -> None:
-        """Raise ``InvalidInput`` if ``inputs`` would be refused by a step of ``model``: what a
-        transport checks before it changes a session on the request's behalf."""
-        served = self.model(model)
-        validate_inputs(served.contract, inputs, self.settings.max_steps_per_request)
 
     # -- stepping ---------------------------------------------------------------------------
     async def step(
@@ -385,7 +348,7 @@ class SessionService:
     def _key(session_id: str, owner: str) -> str:
         """Store id: sessions are namespaced by owner, so another owner's id is simply absent; so
         is an id that breaks the session id rule (it can never have been created)."""
-        if not is_session_id(session_id) and not is_sequence_id(session_id):
+        if not is_session_id(session_id) and not is_derived_id(session_id):
             raise _not_found(session_id)
         return f"{owner}:{session_id}" if owner else session_id
 

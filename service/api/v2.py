@@ -14,6 +14,8 @@ so ``tritonclient`` works unchanged. A thin transport: parse → ``SessionServic
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import re
 from typing import Any
 
 import numpy as np
@@ -32,7 +34,7 @@ from service.api.v2_tensors import (
     parse_infer,
 )
 from service.errors import InvalidInput, ModelNotFound, NotReady, SessionNotFound
-from service.sessions import ModelContract, SessionService, StepCall, sequence_session_id
+from service.sessions import ModelContract, SessionService, StepCall, is_session_id
 
 SERVER_NAME = "carryover"
 SERVER_VERSION = "0.1.0"
@@ -40,12 +42,33 @@ EXTENSIONS = ["binary_tensor_data", "sequence"]
 MODEL_VERSION = "1"  # every served model has one version
 PLATFORM = "onnxruntime_onnx"
 UINT64_MAX = 2**64 - 1
+PLAIN_MODEL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,48}$")
 
 router = APIRouter(strict_content_type=False, tags=["v2"])
 
 
 def _json(data: Any) -> Response:
     return Response(orjson.dumps(data), media_type="application/json")
+
+
+def sequence_session_id(model: str, sequence: int | str) -> str:
+    """The session of sequence ``sequence`` of ``model``: ``~v2.<model>.<id>``, a derived id (the
+    leading ``~`` is outside the session id rule, so no client can choose it). Ints are their
+    digits; strings ``s<string>`` when they follow the rule (up to 64 characters), else ``~`` +
+    32 hex of their SHA-256; a model name outside ``PLAIN_MODEL_NAME`` is ``~`` + 16 hex of its
+    SHA-256. The forms start with different characters, so they cannot collide."""
+    model_part = model if PLAIN_MODEL_NAME.match(model) else "~" + _sha256(model)[:16]
+    if isinstance(sequence, int):
+        id_part = str(sequence)
+    elif is_session_id(sequence) and len(sequence) <= 64:
+        id_part = "s" + sequence
+    else:
+        id_part = "~" + _sha256(sequence)[:32]
+    return f"~v2.{model_part}.{id_part}"
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _sessions(request: Request) -> SessionService:
@@ -129,9 +152,8 @@ async def infer(request: Request, model: str, version: str | None = None) -> Res
         outputs = await sessions.run_fresh(model, inputs)
     else:
         session_id = sequence_session_id(model, sequence)
-        if start:
-            sessions.check_inputs(model, inputs)
-            await sessions.start_sequence(session_id, model, owner)
+        if start:  # checks the inputs first: a bad request never resets a sequence
+            await sessions.start_over(session_id, model, inputs, owner)
         try:
             reply = await sessions.apply(session_id, StepCall(inputs), owner)
         except SessionNotFound:

@@ -109,7 +109,8 @@ def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
     try:
         request = orjson.loads(head)
     except orjson.JSONDecodeError as e:
-        raise InvalidJson(f"the inference request is not valid JSON: {e}") from None
+        hint = " (JSON has no NaN or Infinity; send such values as binary data)" if b"NaN" in head else ""
+        raise InvalidJson(f"the inference request is not valid JSON: {e}{hint}") from None
     if not isinstance(request, dict):
         raise InvalidInput("the inference request must be a JSON object with 'inputs'")
     parameters = _object(request.get("parameters"), "request 'parameters'")

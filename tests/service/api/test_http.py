@@ -338,7 +338,7 @@ async def test_routing_errors_are_problems(client: httpx.AsyncClient) -> None:
     assert r.headers["allow"] == "GET"
     assert_problem(await client.get("/v1/sessions/abc/step"), 405, "method_not_allowed")
     assert_problem(await client.get("/v1/nothing/here"), 404, "not_found", "/v1/nothing/here")
-    assert_problem(await client.post("/v2/models"), 404, "not_found")
+    assert_problem(await client.post("/v3/models"), 404, "not_found")  # /v2 answers {"error"}: test_v2.py
 
 
 # -- state export / import ------------------------------------------------------------------------
