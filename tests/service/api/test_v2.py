@@ -109,9 +109,9 @@ def test_model_metadata_in_the_protocols_terms(client: triton.InferenceServerCli
     assert client.is_model_ready("tokens")
     assert client.is_model_ready("gru", model_version="1")
     assert not client.is_model_ready("nope")
-    for call in (lambda: client.get_model_metadata("nope"), lambda: client.get_model_metadata("gru", "2")):
+    for model, version in (("nope", ""), ("gru", "2")):
         with pytest.raises(InferenceServerException) as e:
-            call()
+            client.get_model_metadata(model, model_version=version)
         assert error_of(e)[0] == "404"
 
 
