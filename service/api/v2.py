@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import re
 from typing import Any
 
@@ -37,7 +38,6 @@ from service.errors import InvalidInput, ModelNotFound, NotReady, SessionNotFoun
 from service.sessions import ModelContract, SessionService, StepCall, is_session_id
 
 SERVER_NAME = "carryover"
-SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data", "sequence"]
 MODEL_VERSION = "1"  # every served model has one version
 PLATFORM = "onnxruntime_onnx"
@@ -87,7 +87,11 @@ def _contract(sessions: SessionService, model: str, version: str | None) -> Mode
 # -- server and model metadata, health --------------------------------------------------------------
 @router.get("/v2", summary="Server metadata")
 async def server_metadata() -> Response:
-    return _json({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
+    try:
+        version = importlib.metadata.version(SERVER_NAME)
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        version = "unknown"
+    return _json({"name": SERVER_NAME, "version": version, "extensions": EXTENSIONS})
 
 
 @router.get("/v2/health/live", summary="Liveness")

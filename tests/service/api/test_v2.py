@@ -277,6 +277,7 @@ def test_raw_bodies_and_unrouted_paths(api_server: LiveServer) -> None:
             ("/v2/models/gru/infer", b'{"inputs": [], "parameters": {"sequence_id": -1}}', {}, 400),
             ("/v2/models/gru/versions/3/infer", head, {}, 404),
             ("/v2/nowhere", b"", {}, 404),
+            ("/v2/models/gru/infer", b" " * (300 * 1024), {}, 413),  # over the server's max_body_bytes
         ]:
             r = http.post(path, content=body, headers=headers)
             assert r.status_code == status, (path, r.text)
