@@ -1,11 +1,13 @@
 """Session operations: the one contract every transport calls (DESIGN §2–§4).
 
 HTTP, WebSocket and ``/v2`` are leaves that depend on this module and on nothing below it: it
-owns the request and reply types (``StepCall``, ``StepReply``, ``SessionInfo``), the one parser
-of a step envelope (``parse_step``) and the one rule for each request field (``step``,
+owns the request and reply types (``StepCall``, ``StepReply``, ``SessionInfo``, ``GenerateCall``
+and the generation events), the one parser of a step envelope (``parse_step``) and of a
+generation (``parse_generate``), and the one rule for each request field (``step``,
 ``ttl_s``, session ids, owners). Steps go through the model's ``Scheduler``; create / reset /
 import / delete write the store directly, each write a compare-and-set, so they interleave
 safely with in-flight steps (a step that loses the race runs again on the new state).
+Generations go through the scheduler too, one token per batch (``service.engine.generation``).
 """
 
 from __future__ import annotations
@@ -16,12 +18,22 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from service.config import Settings
 from service.engine.cas import rewrite
 from service.engine.contract import ModelContract
+from service.engine.generation import (
+    DoneEvent,
+    GenerateCall,
+    Generation,
+    GenerationStream,
+    TokenEvent,
+    encode_prompt,
+    parse_generate,
+)
 from service.engine.model import RecurrentModel
+from service.engine.sampling import SamplingParams
 from service.engine.scheduler import Scheduler, StepReply
 from service.engine.tensors import initial_state_bytes, request_digest, states_to_bytes
 from service.engine.validation import validate_inputs
@@ -42,13 +54,18 @@ from service.store.store import SessionRecord, SessionStore
 __all__ = [
     "MAX_TTL_S",
     "SESSION_ID",
+    "DoneEvent",
+    "GenerateCall",
+    "GenerationStream",
     "ModelContract",
     "SessionInfo",
     "SessionService",
     "StepCall",
     "StepReply",
+    "TokenEvent",
     "checked_step",
     "is_session_id",
+    "parse_generate",
     "parse_step",
 ]
 
@@ -58,6 +75,7 @@ SESSION_ID_RULE = "1-128 characters of A-Z a-z 0-9 . _ ~ - starting with a lette
 MAX_TTL_S = 366 * 86_400
 STEP_FIELDS = frozenset({"inputs", "step"})
 COUNT_CACHE_S = 1.0
+_T = TypeVar("_T")
 ROUTING_STRIPES = 256
 
 
@@ -262,17 +280,44 @@ class SessionService:
         record it reads for the batch (the read that the write's compare-and-set is based on,
         so no check here could be fresher)."""
         key = self._key(session_id, owner)
-        if len(self.models) == 1:  # no await before submit: calls queue in the order they were made
-            future = self._submit(self.default_model, key, owner, call)
-        else:
-            # Finding the session's model may need Redis; a FIFO lock per key stripe keeps the
-            # submissions of one session in call order across that await (pipelined WS chunks).
-            async with self._routing_locks[hash(key) % len(self._routing_locks)]:
-                if key not in self._session_model:
-                    self._session_model[key] = await self._model_of(key, session_id)
-                future = self._submit(self._session_model[key], key, owner, call)
-        reply = await future
+        reply = await (await self._routed(key, session_id, lambda name: self._submit(name, key, owner, call)))
         return replace(reply, session_id=session_id)
+
+    async def generate(self, session_id: str, call: GenerateCall, owner: str = "") -> GenerationStream:
+        """Start a generation through the session (token LMs; DESIGN §4): an async iterator of
+        ``TokenEvent``s, each sent after the write that applied it, then one ``DoneEvent``.
+        Errors found before the first token (unknown session, 409 on ``step``, an empty prompt
+        with nothing to continue from) are raised by the first ``__anext__``."""
+        checked_step(call.expected_step)
+        if call.max_tokens > self.settings.max_generate_tokens:
+            raise InvalidInput(f"'max_tokens' must be at most {self.settings.max_generate_tokens}")
+        key = self._key(session_id, owner)
+
+        def submit(name: str) -> GenerationStream:
+            contract = self.model(name).contract
+            prompt = encode_prompt(contract, call.prompt)
+            if len(prompt) > self.settings.max_steps_per_request:
+                raise InvalidInput(f"the prompt is over the limit of {self.settings.max_steps_per_request} tokens")
+            params = SamplingParams(float(call.temperature), call.top_k, float(call.top_p))
+            seed = call.seed if call.seed is not None else secrets.randbits(63)
+            generation = Generation(contract, prompt, call.max_tokens, params, seed, call.stop)
+            digest = f"generate:{secrets.token_hex(8)}"  # no step has it: a generation is never replayed
+            inputs = {contract.inputs[0].name: prompt}
+            future = self.schedulers[name].submit(key, owner, inputs, call.expected_step, digest, generation)
+            return GenerationStream(generation, future)
+
+        return await self._routed(key, session_id, submit)
+
+    async def _routed(self, key: str, session_id: str, submit: Callable[[str], _T]) -> _T:
+        """``submit`` to the session's model. One model: no await before it, so calls queue in
+        the order they were made. Several: finding the session's model may need Redis; a FIFO
+        lock per key stripe keeps one session's submissions in call order across that await."""
+        if len(self.models) == 1:
+            return submit(self.default_model)
+        async with self._routing_locks[hash(key) % len(self._routing_locks)]:
+            if key not in self._session_model:
+                self._session_model[key] = await self._model_of(key, session_id)
+            return submit(self._session_model[key])
 
     def _submit(self, name: str, key: str, owner: str, call: StepCall) -> asyncio.Future[StepReply]:
         arrays = validate_inputs(self.model(name).contract, call.inputs, self.settings.max_steps_per_request)
