@@ -1,4 +1,4 @@
-"""Session operations: the one contract every transport calls (DESIGN §2–§4).
+"""Session operations: the one contract every transport calls (docs/architecture.md).
 
 HTTP, WebSocket and ``/v2`` are leaves that depend on this module and on nothing below it: it
 owns the request and reply types (``StepCall``, ``StepReply``, ``SessionInfo``, ``GenerateCall``
@@ -269,7 +269,7 @@ class SessionService:
     async def step(
         self, session_id: str, inputs: Mapping[str, Any], expected_step: int | None = None, owner: str = ""
     ) -> StepReply:
-        """Apply ``inputs`` (leading T axis) to the session, exactly once (see DESIGN §4)."""
+        """Apply ``inputs`` (leading T axis) to the session, exactly once (see docs/architecture.md)."""
         return await self.apply(session_id, StepCall(inputs, expected_step), owner)
 
     async def apply(self, session_id: str, call: StepCall, owner: str = "") -> StepReply:
@@ -284,7 +284,7 @@ class SessionService:
         return replace(reply, session_id=session_id)
 
     async def generate(self, session_id: str, call: GenerateCall, owner: str = "") -> GenerationStream:
-        """Start a generation through the session (token LMs; DESIGN §4): an async iterator of
+        """Start a generation through the session (token LMs; docs/generation.md): an async iterator of
         ``TokenEvent``s, each sent after the write that applied it, then one ``DoneEvent``.
         Errors found before the first token (unknown session, 409 on ``step``, an empty prompt
         with nothing to continue from) are raised by the first ``__anext__``."""

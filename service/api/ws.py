@@ -1,4 +1,4 @@
-"""WebSocket streaming (DESIGN §4): one connection streams chunks through one session. The
+"""WebSocket streaming (docs/websocket.md, README): one connection streams chunks through one session. The
 protocol (messages, replies, close codes) is docs/websocket.md; its framing is ``ws_protocol``.
 A ``generate`` message is answered by its token messages and then its ``done``, in its place in
 the reply order; a ``cancel`` message stops the generation it names (it has no reply)."""

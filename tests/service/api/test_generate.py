@@ -204,10 +204,11 @@ async def test_concurrent_generations_share_batches_with_a_step(
         assert r.status_code == 200, r.text
         return dict(r.json())
 
-    *runs, stepped = await asyncio.gather(
-        *(generate(http, sid, prompt=p, max_tokens=20, temperature=0) for sid, p in zip(ids, prompts, strict=False)),
-        step_meanwhile(),
+    stepping = asyncio.ensure_future(step_meanwhile())
+    runs = await asyncio.gather(
+        *(generate(http, sid, prompt=p, max_tokens=20, temperature=0) for sid, p in zip(ids, prompts, strict=False))
     )
+    stepped = await stepping
     assert max(list(scheduler.generation_rows)[before:]) > 1, "generations never shared a batch"
     for prompt, events in zip(prompts, runs, strict=True):
         assert events[-1][1]["tokens"] == offline_greedy(model, encode(model, prompt), 20)[0]

@@ -109,7 +109,15 @@ async def test_stop_strings_and_validation(redis_url: str, loaded: dict[str, Rec
             await anext(aiter(await engine.generate(fresh, GenerateCall("", max_tokens=5))))
         with pytest.raises(StepConflict):  # the step rule: 409 before any token
             await anext(aiter(await engine.generate(sid, GenerateCall("a", max_tokens=5, expected_step=3))))
-    for body in ({"temperature": -1}, {"top_p": 0}, {"top_k": -2}, {"max_tokens": 0}, {"prompt": {}}, {"stop": [""]}):
+    bodies: list[dict[str, object]] = [
+        {"temperature": -1},
+        {"top_p": 0},
+        {"top_k": -2},
+        {"max_tokens": 0},
+        {"prompt": {}},
+        {"stop": [""]},
+    ]
+    for body in bodies:
         with pytest.raises(InvalidInput):
             parse_generate(body)
     with pytest.raises(InvalidInput, match="unknown field"):
@@ -154,13 +162,14 @@ async def test_generations_share_batches_with_steps(redis_url: str, loaded: dict
             await asyncio.sleep(0.05)
             return [(await engine.step(ids[16], {"tokens": encode(model, c)})).outputs["logits"] for c in ("ab", "c")]
 
-        *results, stepped = await asyncio.gather(
+        stepping = asyncio.ensure_future(steps())
+        results = await asyncio.gather(
             *(
                 collect(engine, sid, GenerateCall(p, max_tokens=20, temperature=0))
                 for sid, p in zip(ids, prompts, strict=False)
-            ),
-            steps(),
+            )
         )
+        stepped = await stepping
         assert max(scheduler.generation_rows) > 1, "generations never shared a batch"
         for prompt, (_, done) in zip(prompts, results, strict=True):
             ref, _, _ = offline_greedy(model, encode(model, prompt), 20)

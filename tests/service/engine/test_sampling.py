@@ -29,7 +29,7 @@ def one_row(logits: np.ndarray, temperature: float, top_k: int, top_p: float, u:
 
 
 def call(rows: np.ndarray, t: list[float], k: list[int], p: list[float], u: list[float]) -> list[int]:
-    return sample(rows, np.array(t), np.array(k), np.array(p), np.array(u)).tolist()
+    return [int(i) for i in sample(rows, np.array(t), np.array(k), np.array(p), np.array(u))]
 
 
 def test_greedy_is_argmax_and_ignores_the_draw() -> None:
