@@ -26,14 +26,12 @@ from service.engine.contract import ModelContract
 from service.engine.generation import (
     DoneEvent,
     GenerateCall,
-    Generation,
     GenerationStream,
     TokenEvent,
-    encode_prompt,
+    new_generation,
     parse_generate,
 )
 from service.engine.model import RecurrentModel
-from service.engine.sampling import SamplingParams
 from service.engine.scheduler import Scheduler, StepReply
 from service.engine.tensors import initial_state_bytes, request_digest, states_to_bytes
 from service.engine.validation import validate_inputs
@@ -284,27 +282,15 @@ class SessionService:
         return replace(reply, session_id=session_id)
 
     async def generate(self, session_id: str, call: GenerateCall, owner: str = "") -> GenerationStream:
-        """Start a generation through the session (token LMs; docs/generation.md): an async iterator of
-        ``TokenEvent``s, each sent after the write that applied it, then one ``DoneEvent``.
-        Errors found before the first token (unknown session, 409 on ``step``, an empty prompt
-        with nothing to continue from) are raised by the first ``__anext__``."""
+        """Start a generation (token LMs; docs/generation.md): ``TokenEvent``s, then a ``DoneEvent``.
+        What fails before the first token (404, 409 on ``step``) is raised by the first ``__anext__``."""
         checked_step(call.expected_step)
-        if call.max_tokens > self.settings.max_generate_tokens:
-            raise InvalidInput(f"'max_tokens' must be at most {self.settings.max_generate_tokens}")
         key = self._key(session_id, owner)
 
         def submit(name: str) -> GenerationStream:
-            contract = self.model(name).contract
-            prompt = encode_prompt(contract, call.prompt)
-            if len(prompt) > self.settings.max_steps_per_request:
-                raise InvalidInput(f"the prompt is over the limit of {self.settings.max_steps_per_request} tokens")
-            params = SamplingParams(float(call.temperature), call.top_k, float(call.top_p))
-            seed = call.seed if call.seed is not None else secrets.randbits(63)
-            generation = Generation(contract, prompt, call.max_tokens, params, seed, call.stop)
-            digest = f"generate:{secrets.token_hex(8)}"  # no step has it: a generation is never replayed
-            inputs = {contract.inputs[0].name: prompt}
-            future = self.schedulers[name].submit(key, owner, inputs, call.expected_step, digest, generation)
-            return GenerationStream(generation, future)
+            g = new_generation(self.model(name).contract, call, self.settings)
+            future = self.schedulers[name].submit(key, owner, {g.input.name: g.prompt}, call.expected_step, g.digest, g)
+            return GenerationStream(g, future)
 
         return await self._routed(key, session_id, submit)
 

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import math
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
+from service.config import Settings
 from service.engine.contract import ModelContract
 from service.engine.sampling import SamplingParams, sample
 from service.engine.tensors import unpack_arrays
@@ -180,6 +182,7 @@ class Generation:
         self.stop = tuple(stop)
         self.events: asyncio.Queue[GenerationEvent | asyncio.Future[Any]] = asyncio.Queue()
         self.cancelled = False
+        self.digest = f"generate:{secrets.token_hex(8)}"  # no step has it: a generation is never replayed
         self.prompt_chunks: list[Chunk] = []  # the prompt cut at max_chunk (set by the scheduler)
         self.restart()
 
@@ -240,6 +243,20 @@ def sample_next(generations: Sequence[Generation], logits: np.ndarray) -> list[C
         np.array([g.rng.random() for g in generations]),
     )
     return [g.feed(int(t)) for g, t in zip(generations, tokens, strict=True)]
+
+
+def new_generation(contract: ModelContract, call: GenerateCall, settings: Settings) -> Generation:
+    """The generation ``call`` asks for on a model with ``contract``: its prompt checked against
+    the vocab and ``max_steps_per_request``, ``max_tokens`` against ``max_generate_tokens``; a
+    random seed when it names none."""
+    if call.max_tokens > settings.max_generate_tokens:
+        raise InvalidInput(f"'max_tokens' must be at most {settings.max_generate_tokens}")
+    prompt = encode_prompt(contract, call.prompt)
+    if len(prompt) > settings.max_steps_per_request:
+        raise InvalidInput(f"the prompt is over the limit of {settings.max_steps_per_request} tokens")
+    params = SamplingParams(float(call.temperature), call.top_k, float(call.top_p))
+    seed = call.seed if call.seed is not None else secrets.randbits(63)
+    return Generation(contract, prompt, call.max_tokens, params, seed, call.stop)
 
 
 def first_inputs(generations: Sequence[Generation | None], last_replies: Sequence[bytes]) -> list[Chunk | InvalidInput]:
