@@ -88,6 +88,7 @@ class Settings(BaseSettings):
     max_queue: int = Field(4096, ge=1, description="queued requests per model before 503 overloaded")
     max_chunk: int = Field(256, ge=1, description="long requests run in chunks of this many steps")
     max_steps_per_request: int = Field(16_384, ge=1, description="T limit of one request (422 above)")
+    max_generate_tokens: int = Field(4096, ge=1, description="max_tokens limit of one generation (422 above)")
     bucket_overhead_tokens: int = Field(
         256, ge=0, description="padding worth one extra model call when bucketing by length"
     )

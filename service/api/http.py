@@ -39,9 +39,10 @@ from service.api.schemas import (
     StepResponse,
     error_responses,
 )
+from service.api.sse import GENERATE_BODY, GENERATE_RESPONSE, sse_response
 from service.api.state import AppState, app_state, owner_of
 from service.errors import CarryoverError, InvalidInput, InvalidJson, NotReady, UnsupportedMediaType
-from service.sessions import SessionInfo, SessionService, parse_step
+from service.sessions import SessionInfo, SessionService, parse_generate, parse_step
 
 NPZ_MEDIA_TYPES = frozenset({NPZ_MEDIA_TYPE, "application/octet-stream", "application/zip"})
 
@@ -179,6 +180,25 @@ async def step_session(request: Request, session_id: SessionIdPath) -> Response:
     reply = await _sessions(request).apply(session_id, call, owner=owner_of(request))
     headers = {"Idempotent-Replay": "true"} if reply.replay else None
     return _json({"session_id": reply.session_id, "step": reply.step, "outputs": reply.outputs}, headers=headers)
+
+
+@router.post(
+    "/v1/sessions/{session_id}/generate",
+    tags=["sessions"],
+    operation_id="generate",
+    summary="Generate tokens through the session (token LMs), streamed as server-sent events",
+    response_class=Response,
+    responses={**GENERATE_RESPONSE, **error_responses(400, 404, 409, 413, 415, 422, 503)},
+    openapi_extra=GENERATE_BODY,
+)
+async def generate(request: Request, session_id: SessionIdPath) -> Response:
+    """Feed the prompt, then sample and feed one token per scheduler iteration (continuous
+    batching). Each token event is sent after the write that applied it; afterwards the session
+    has consumed the prompt and every generated token. Errors before the first token are the
+    usual problem replies (409 with ``current_step`` when ``step`` is not the session's)."""
+    call = parse_generate(await _json_body(request))
+    stream = await _sessions(request).generate(session_id, call, owner=owner_of(request))
+    return await sse_response(stream)
 
 
 @router.post(
