@@ -24,6 +24,7 @@ import orjson
 from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 
+from service.api.auth import AUTHENTICATED
 from service.api.state import app_state, owner_of
 from service.api.v2_tensors import (
     HEADER_LENGTH,
@@ -44,7 +45,8 @@ PLATFORM = "onnxruntime_onnx"
 UINT64_MAX = 2**64 - 1
 PLAIN_MODEL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,48}$")
 
-router = APIRouter(strict_content_type=False, tags=["v2"])
+router = APIRouter(strict_content_type=False, tags=["v2"])  # models and inference: authenticated
+server = APIRouter(tags=["v2"])  # server metadata and health: open, like /healthz and /readyz
 
 
 def _json(data: Any) -> Response:
@@ -85,7 +87,7 @@ def _contract(sessions: SessionService, model: str, version: str | None) -> Mode
 
 
 # -- server and model metadata, health --------------------------------------------------------------
-@router.get("/v2", summary="Server metadata")
+@server.get("/v2", summary="Server metadata")
 async def server_metadata() -> Response:
     try:
         version = importlib.metadata.version(SERVER_NAME)
@@ -94,12 +96,12 @@ async def server_metadata() -> Response:
     return _json({"name": SERVER_NAME, "version": version, "extensions": EXTENSIONS})
 
 
-@router.get("/v2/health/live", summary="Liveness")
+@server.get("/v2/health/live", summary="Liveness")
 async def live() -> Response:
     return _json({"live": True})
 
 
-@router.get("/v2/health/ready", summary="Readiness: models loaded and the store answering")
+@server.get("/v2/health/ready", summary="Readiness: models loaded and the store answering")
 async def ready(request: Request) -> Response:
     state = app_state(request.app)
     if not state.ready:
@@ -236,5 +238,7 @@ def _wanted(contract: ModelContract, req: InferRequest) -> list[tuple[str, bool]
 
 
 def install_v2(app: FastAPI) -> None:
-    """Mount the ``/v2`` routes (their errors are shaped by ``problems.py``'s handlers)."""
-    app.include_router(router)
+    """Mount the ``/v2`` routes (their errors are shaped by ``problems.py``'s handlers); with API
+    keys on, every route under ``/v2/models`` takes ``Authorization: Bearer <key>``."""
+    app.include_router(server)
+    app.include_router(router, dependencies=AUTHENTICATED)

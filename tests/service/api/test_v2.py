@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import io
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,6 +22,7 @@ from service.api.v2 import sequence_session_id
 from service.api.v2_tensors import HEADER_LENGTH, encode_reply, parse_infer
 from service.engine.model import RecurrentModel
 from service.errors import InvalidInput
+from service.keys import key_line, new_key
 from service.sessions import is_derived_id, is_session_id
 from tests.engines import assert_matches_offline, offline
 from tests.live_server import API_MODELS, LiveServer, live_server
@@ -217,6 +219,33 @@ def test_compressed_request_and_reply_options(
     result = client.infer("gru", [tensor("x", x["x"][None])], request_compression_algorithm="gzip")
     ref, _ = offline(models["gru"], x)
     np.testing.assert_allclose(result.as_numpy("y")[0], ref["y"], atol=1e-5, rtol=0)
+
+
+def test_with_api_keys_sequences_belong_to_their_key(
+    tmp_path: Path, redis_server: RedisServer, models: dict[str, RecurrentModel]
+) -> None:
+    """Models and inference take the Bearer key (health and server metadata stay open); a
+    sequence is namespaced by its key: another key's sequence 1 is a different sequence."""
+    alice, bob = new_key(), new_key()
+    keys = tmp_path / "keys"
+    keys.write_text(key_line("alice", alice) + "\n" + key_line("bob", bob) + "\n")
+    x = random_inputs(models["gru"].contract, 3, np.random.default_rng(4))
+    with live_server(redis_server.url, models, api_keys_file=keys) as server:
+        c = triton.InferenceServerClient(server.url.removeprefix("http://"), network_timeout=30.0)
+        assert c.is_server_live() and c.is_server_ready() and c.get_server_metadata()["name"] == "carryover"
+        with pytest.raises(InferenceServerException) as e:
+            c.get_model_metadata("gru")
+        assert error_of(e)[0] == "401"
+        r = httpx.post(f"{server.url}/v2/models/gru/infer", content=b"{}", timeout=30)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer" and set(r.json()) == {"error"}
+        as_alice, as_bob = {"Authorization": f"Bearer {alice}"}, {"Authorization": f"Bearer {bob}"}
+        assert c.get_model_metadata("gru", headers=as_alice)["name"] == "gru"
+        infer(c, "gru", x, sequence_id=1, sequence_start=True, headers=as_alice)
+        with pytest.raises(InferenceServerException) as e:
+            infer(c, "gru", x, sequence_id=1, headers=as_bob)
+        assert error_of(e)[0] == "404"
+        infer(c, "gru", x, sequence_id=1, sequence_end=True, headers=as_alice)
+        c.close()
 
 
 # -- bad requests ---------------------------------------------------------------------------------
