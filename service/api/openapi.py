@@ -1,5 +1,6 @@
 """OpenAPI additions FastAPI cannot infer: the documentation-only schemas (``Problem``,
-``StepRequest``), problem+json on every error response, and ``X-Request-ID`` on every response."""
+``StepRequest``, whose ``inputs`` are the served models' exact inputs once the app has started),
+problem+json on every error response, and ``X-Request-ID`` on every response."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Any
 from fastapi import FastAPI
 
 from service.api.problems import PROBLEM_MEDIA_TYPE
-from service.api.schemas import REQUEST_ID_DOC, Problem, StepRequest
+from service.api.schemas import REQUEST_ID_DOC, Problem, StepRequest, inputs_schema
+from service.api.state import app_state
 
 
 def install_openapi(app: FastAPI) -> None:
@@ -24,6 +26,11 @@ def install_openapi(app: FastAPI) -> None:
             definition = model.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(definition.pop("$defs", {}))
             schemas[model.__name__] = definition
+        sessions = app_state(app).sessions
+        if sessions is not None:  # served: the step's inputs exactly, so clients and fuzzers send valid ones
+            contracts = {name: m.contract for name, m in sessions.models.items()}
+            limit = app_state(app).settings.max_steps_per_request
+            schemas["StepRequest"]["properties"]["inputs"] = inputs_schema(contracts, limit)
         problem_content = {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
         for operations in schema.get("paths", {}).values():
             for operation in operations.values():
@@ -33,7 +40,8 @@ def install_openapi(app: FastAPI) -> None:
                     response.setdefault("headers", {})["X-Request-ID"] = REQUEST_ID_DOC
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)
-        app.openapi_schema = schema
+        # FastAPI's generate() cached it; before start-up the inputs are unknown: build it again later.
+        app.openapi_schema = schema if sessions is not None else None
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

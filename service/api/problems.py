@@ -17,6 +17,7 @@ from starlette.responses import Response
 
 from service.errors import (
     CarryoverError,
+    IdleTimeout,
     InvalidJson,
     NotReady,
     Overloaded,
@@ -109,7 +110,7 @@ def ws_close_code(error: CarryoverError) -> int | None:
         return CLOSE_TRY_AGAIN
     if isinstance(error, PayloadTooLarge):
         return CLOSE_TOO_BIG
-    if isinstance(error, SessionNotFound):
+    if isinstance(error, SessionNotFound | IdleTimeout):  # 4404, 4408
         return 4000 + error.status
     if error.status >= 500:
         return CLOSE_INTERNAL

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.problems import PROBLEM_MEDIA_TYPE
-from service.sessions import MAX_TTL_S, SESSION_ID
+from service.sessions import MAX_TTL_S, SESSION_ID, ModelContract
 
 JSON_MEDIA_TYPE = "application/json"
 NPZ_MEDIA_TYPE = "application/x-npz"
+BINARY_MEDIA_TYPE = "application/octet-stream"
+FLOAT_BOUND = {"float16": 65_000.0, "float32": 3.4e38}  # finite after the cast to the input's dtype
 
 
 class TensorInfo(BaseModel):
@@ -182,6 +185,7 @@ ERROR_TEXT = {
     422: "Invalid input (`invalid_input`): the detail names the field or tensor",
     429: "The server holds its limit of sessions (`too_many_sessions`)",
     500: "Unexpected error (`internal`)",
+    507: "The session store is full (`store_full`: Redis at maxmemory, noeviction); stored sessions are kept",
     503: "Overloaded, shutting down, not ready or the session store is unavailable; see Retry-After",
 }
 
@@ -193,7 +197,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
             "description": ERROR_TEXT[status],
             "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
         }
-        if status == 503:
+        if status in (503, 507):
             entry["headers"] = {"Retry-After": {"description": "seconds", "schema": {"type": "integer"}}}
         out[status] = entry
     return out
@@ -216,6 +220,45 @@ NPZ_BODY: dict[str, Any] = {
         "required": True,
         "description": "an .npz archive as GET .../state returns: one array per state tensor, optionally "
         "carryover_step and carryover_fingerprint (checked against the session's model)",
-        "content": {NPZ_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+        "content": {
+            NPZ_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
+            BINARY_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
+        },
     }
 }
+
+
+# -- the served models' inputs, exactly (built when the schema is first asked for) -----------------
+def inputs_schema(contracts: dict[str, ModelContract], max_steps: int) -> dict[str, Any]:
+    """The JSON schema of a step's ``inputs`` for the served models: per model an object with
+    each input as nested arrays of its exact shape behind a leading T axis (1..``max_steps``),
+    numbers finite in the input's dtype, token ids integers in [0, vocab). More than one model:
+    ``anyOf`` them, each titled with its model's name."""
+    variants = []
+    for name, c in contracts.items():
+        properties = {t.name: _tensor_schema(c, t.name, max_steps) for t in c.inputs}
+        variants.append(
+            {
+                "title": name,
+                "type": "object",
+                "properties": properties,
+                "required": list(properties),
+                "additionalProperties": False,
+            }
+        )
+    return variants[0] if len(variants) == 1 else {"anyOf": variants}
+
+
+def _tensor_schema(c: ModelContract, name: str, max_steps: int) -> dict[str, Any]:
+    t = next(t for t in c.inputs if t.name == name)
+    leaf: dict[str, Any]
+    if t.dtype.kind in "iu":
+        high = len(c.vocab) - 1 if c.vocab is not None else int(np.iinfo(t.dtype).max) - 1
+        leaf = {"type": "integer", "minimum": 0, "maximum": high}
+    else:
+        bound = FLOAT_BOUND.get(t.dtype.name, 1e300)
+        leaf = {"type": "number", "minimum": -bound, "maximum": bound}
+    for size in reversed(t.shape):
+        leaf = {"type": "array", "items": leaf, "minItems": size, "maxItems": size}
+    shape = ", ".join(["T", *map(str, t.shape)])
+    return {"type": "array", "items": leaf, "minItems": 1, "maxItems": max_steps, "description": f"[{shape}]"}

@@ -29,7 +29,7 @@ from service.api.ws_protocol import (
     session_message,
     text_chunk,
 )
-from service.errors import CarryoverError, InvalidInput, PayloadTooLarge
+from service.errors import CarryoverError, IdleTimeout, InvalidInput, PayloadTooLarge
 from service.sessions import ModelContract, SessionInfo, SessionService, StepCall, StepReply
 
 log = logging.getLogger(__name__)
@@ -73,11 +73,23 @@ class _Item:
 Opener = Callable[[SessionService, str], Awaitable[SessionInfo]]
 
 
+@dataclass(frozen=True)
+class _Limits:
+    """One connection's limits: message bytes, pipelined chunks, and seconds of silence."""
+
+    max_bytes: int
+    max_in_flight: int
+    idle_timeout_s: float
+
+
 async def _serve(websocket: WebSocket, open_session: Opener) -> None:
     state = app_state(websocket.app)
     settings = state.settings
     connection = _Connection(
-        websocket, state.session_service(), owner_of(websocket), settings.max_body_bytes, settings.ws_max_in_flight
+        websocket,
+        state.session_service(),
+        owner_of(websocket),
+        _Limits(settings.ws_message_limit, settings.ws_max_in_flight, settings.ws_idle_timeout_s),
     )
     state.streams.add(connection)
     state.metrics.ws_connections.inc()
@@ -97,14 +109,13 @@ class _Connection:
     order, send its reply) joined by a queue; a semaphore of ``max_in_flight`` slots, taken before
     each read and given back after each reply, is the backpressure."""
 
-    def __init__(
-        self, websocket: WebSocket, sessions: SessionService, owner: str, max_bytes: int, max_in_flight: int
-    ) -> None:
+    def __init__(self, websocket: WebSocket, sessions: SessionService, owner: str, limits: _Limits) -> None:
         self.websocket = websocket
         self.sessions = sessions
         self.owner = owner
-        self.max_bytes = max_bytes
-        self.slots = asyncio.Semaphore(max_in_flight)
+        self.max_bytes = limits.max_bytes
+        self.idle_timeout_s = limits.idle_timeout_s
+        self.slots = asyncio.Semaphore(limits.max_in_flight)
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         self.finished = asyncio.Event()
         self.session_id = ""
@@ -169,7 +180,13 @@ class _Connection:
         while True:
             await self.slots.acquire()
             try:
-                message = await self.websocket.receive()
+                # Silence counts only while reading: a client waiting for its replies is not idle.
+                async with asyncio.timeout(self.idle_timeout_s):
+                    message = await self.websocket.receive()
+            except TimeoutError:
+                error = IdleTimeout(f"no message for {self.idle_timeout_s:g} s (setting ws_idle_timeout_s)")
+                self.queue.put_nowait(_Item(error=error))
+                return False
             except Exception:  # the transport failed under us: as good as a disconnect
                 log.debug("WebSocket receive failed", exc_info=True)
                 return True
@@ -177,7 +194,9 @@ class _Connection:
                 return True
             try:
                 if message_size(message) > self.max_bytes:
-                    error = PayloadTooLarge(f"the message is over the limit of {self.max_bytes} bytes")
+                    error = PayloadTooLarge(
+                        f"the message is over the limit of {self.max_bytes} bytes (setting ws_max_message_bytes)"
+                    )
                     self.queue.put_nowait(_Item(error=error))
                     return False
                 item = self._start(message)
