@@ -48,6 +48,7 @@ __all__ = [
     "StepCall",
     "StepReply",
     "checked_step",
+    "integral",
     "is_session_id",
     "parse_step",
 ]
@@ -67,8 +68,18 @@ def is_session_id(value: object) -> bool:
     return isinstance(value, str) and SESSION_ID.match(value) is not None
 
 
+def integral(value: object) -> object:
+    """JSON has one number type: an integral float (``3.0``, valid for a JSON Schema ``integer``)
+    is that int; anything else, ``bool`` included, is returned as it is for the caller to judge."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def checked_step(value: object) -> int | None:
-    """The ``step`` of a request: ``None`` (arrival order) or a non-negative int (``bool`` is not)."""
+    """The ``step`` of a request: ``None`` (arrival order) or a non-negative int (``bool`` is not;
+    ``3.0`` is 3)."""
+    value = integral(value)
     if value is None:
         return None
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -78,6 +89,7 @@ def checked_step(value: object) -> int | None:
 
 def checked_ttl(value: object, default: int) -> int:
     """Seconds without access before a session expires: an int in [1, ``MAX_TTL_S``]."""
+    value = integral(value)
     if value is None:
         return default
     if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_TTL_S:
@@ -95,7 +107,7 @@ class StepCall:
     expected_step: int | None = None
 
     def __post_init__(self) -> None:
-        checked_step(self.expected_step)
+        object.__setattr__(self, "expected_step", checked_step(self.expected_step))
 
 
 def parse_step(body: object, *, transport_fields: frozenset[str] = frozenset()) -> StepCall:

@@ -9,10 +9,10 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import Path
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from service.api.problems import PROBLEM_MEDIA_TYPE
-from service.sessions import MAX_TTL_S, SESSION_ID, ModelContract
+from service.sessions import MAX_TTL_S, SESSION_ID, ModelContract, integral
 
 JSON_MEDIA_TYPE = "application/json"
 NPZ_MEDIA_TYPE = "application/x-npz"
@@ -66,11 +66,8 @@ class CreateSessionRequest(BaseModel):
         pattern=SESSION_ID.pattern,
         description="client-chosen id (1-128 of A-Z a-z 0-9 . _ ~ -); default: 128 random bits, URL-safe",
     )
-    ttl_s: int | None = Field(
+    ttl_s: Annotated[int, Field(ge=1, le=MAX_TTL_S, strict=True), BeforeValidator(integral)] | None = Field(
         None,
-        ge=1,
-        le=MAX_TTL_S,
-        strict=True,
         description="seconds without access before the session expires; default: the server's session_ttl_s",
     )
     fork_from: str | None = Field(None, description="start from a copy of this session's state and step")
@@ -203,7 +200,15 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return out
 
 
-SessionIdPath = Annotated[str, Path(description="the session's id", examples=["q3Zr0m6xH3kAqj9Q7yW1nA"])]
+# The id rule is documented, not validated here: a path id that breaks it is 404, like any absent id.
+SessionIdPath = Annotated[
+    str,
+    Path(
+        description="the session's id",
+        examples=["q3Zr0m6xH3kAqj9Q7yW1nA"],
+        json_schema_extra={"pattern": SESSION_ID.pattern},
+    ),
+]
 REQUEST_ID_DOC = {
     "description": "the request's X-Request-ID if sane (1-128 of A-Z a-z 0-9 . _ -), else a generated one",
     "schema": {"type": "string"},

@@ -74,7 +74,8 @@ def _one(contract: ModelContract, t: DataTensor, value: Any, max_steps: int) -> 
 
 
 def _tokens(contract: ModelContract, t: DataTensor, array: np.ndarray) -> np.ndarray:
-    if array.dtype.kind not in "iu":
+    integral_floats = array.dtype.kind == "f" and bool(np.all(np.isfinite(array) & (array == np.floor(array))))
+    if array.dtype.kind not in "iu" and not integral_floats:  # JSON's 3.0 is the id 3
         raise InvalidInput(f"input {t.name!r} must hold integer token ids, not {_kind(array)}")
     high = len(contract.vocab) if contract.vocab is not None else np.iinfo(t.dtype).max
     out_of_range = (array < 0) | (array >= high)

@@ -286,7 +286,7 @@ def test_parse_step_is_the_one_envelope_parser() -> None:
         ({"inputs": {}, "steps": 1}, "'steps'"),
         ({"inputs": {}, "step": True}, "'step'"),
         ({"inputs": {}, "step": -1}, "'step'"),
-        ({"inputs": {}, "step": 1.0}, "'step'"),
+        ({"inputs": {}, "step": 1.5}, "'step'"),
         ({"inputs": {}, "step": "1"}, "'step'"),
     ]:
         with pytest.raises(InvalidInput, match=re.escape(words)):
@@ -295,7 +295,8 @@ def test_parse_step_is_the_one_envelope_parser() -> None:
 
 def test_step_is_strict_everywhere() -> None:
     assert checked_step(None) is None and checked_step(0) == 0
-    for bad in (True, False, -1, 2.0, "3"):
+    assert checked_step(2.0) == 2 and StepCall({}, 2.0).expected_step == 2  # type: ignore[arg-type]  # JSON's 2.0
+    for bad in (True, False, -1, 2.5, "3"):
         with pytest.raises(InvalidInput, match="'step' must be a non-negative integer"):
             checked_step(bad)
         with pytest.raises(InvalidInput):

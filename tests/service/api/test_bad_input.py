@@ -29,7 +29,7 @@ BAD_STEPS_MORE = {
     "null_values": Bad("gru", js({"inputs": {"x": [[None, 1, 2, 3]]}}), 422, "invalid_input", ("'x'",)),
     "nested_objects": Bad("gru", js({"inputs": {"x": [{"a": 1}]}}), 422, "invalid_input", ("'x'",)),
     "string_step": Bad("gru", js({"inputs": {"x": X1}, "step": "3"}), 422, "invalid_input", ("'step'",)),
-    "float_step": Bad("gru", js({"inputs": {"x": X1}, "step": 1.0}), 422, "invalid_input", ("'step'",)),
+    "float_step": Bad("gru", js({"inputs": {"x": X1}, "step": 1.5}), 422, "invalid_input", ("'step'",)),
     "stale_step": Bad("gru", js({"inputs": {"x": X1}, "step": 1}), 409, "step_conflict", ("3",)),
     "not_utf8": Bad("gru", b'{"inputs": {"x": "\xff\xfe"}}', 400, "invalid_json", ()),
     "scalar_input": Bad("gru", js({"inputs": {"x": 3.0}}), 422, "invalid_input", ("'x'",)),
