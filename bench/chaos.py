@@ -188,7 +188,8 @@ async def chaos(
         started = time.monotonic()
         kill(target)
         await asyncio.sleep(random.uniform(0.5, 1.5))
-        await loop.run_in_executor(None, lambda t=target: t.start().wait_ready())
+        await loop.run_in_executor(None, target.start)
+        await loop.run_in_executor(None, target.wait_ready)
         log.append({"killed": target.name, "down_s": round(time.monotonic() - started, 2)})
 
 
@@ -206,7 +207,8 @@ async def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
     for r in replicas:
         r.wait_ready()
     urls = [r.url for r in replicas]
-    stats, log = Stats(), []
+    stats = Stats()
+    log: list[dict[str, Any]] = []
     stop = asyncio.Event()
     try:
         async with httpx.AsyncClient(timeout=10) as http:

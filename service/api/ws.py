@@ -184,8 +184,8 @@ class _Connection:
                 async with asyncio.timeout(self.idle_timeout_s):
                     message = await self.websocket.receive()
             except TimeoutError:
-                error = IdleTimeout(f"no message for {self.idle_timeout_s:g} s (setting ws_idle_timeout_s)")
-                self.queue.put_nowait(_Item(error=error))
+                idle = IdleTimeout(f"no message for {self.idle_timeout_s:g} s (setting ws_idle_timeout_s)")
+                self.queue.put_nowait(_Item(error=idle))
                 return False
             except Exception:  # the transport failed under us: as good as a disconnect
                 log.debug("WebSocket receive failed", exc_info=True)
