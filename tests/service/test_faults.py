@@ -144,9 +144,11 @@ async def test_service_sigkill_mid_stream_loses_nothing_acknowledged(
     url = redis_server.url.rsplit("/", 1)[0] + "/8"
     flags = ("--model", f"gru={GRU}", "--redis-timeout", "1.0")
     first, second = carryover(url, *flags), carryover(url, *flags)
-    first.start(), second.start()
+    first.start()
+    second.start()
     try:
-        first.wait_ready(), second.wait_ready()
+        first.wait_ready()
+        second.wait_ready()
         rng = np.random.default_rng(5)
         async with httpx.AsyncClient(timeout=10) as http:
             urls = [first.url, second.url]
@@ -164,7 +166,8 @@ async def test_service_sigkill_mid_stream_loses_nothing_acknowledged(
             for run in runs:
                 check_against_reference(model, run, await stored_state(http, second.url, run.session_id))
     finally:
-        first.stop(), second.stop()
+        first.stop()
+        second.stop()
 
 
 async def test_a_corrupt_record_fails_only_its_session(redis_url: str, loaded: dict[str, RecurrentModel]) -> None:
