@@ -180,9 +180,7 @@ class _Connection:
         while True:
             await self.slots.acquire()
             try:
-                # Silence counts only while reading: a client waiting for its replies is not idle.
-                async with asyncio.timeout(self.idle_timeout_s):
-                    message = await self.websocket.receive()
+                message = await self._receive()
             except TimeoutError:
                 idle = IdleTimeout(f"no message for {self.idle_timeout_s:g} s (setting ws_idle_timeout_s)")
                 self.queue.put_nowait(_Item(error=idle))
@@ -205,6 +203,17 @@ class _Connection:
                 self.queue.put_nowait(_Item(error=CarryoverError("internal error while reading the message")))
                 return False
             self.queue.put_nowait(item)
+
+    async def _receive(self) -> Mapping[str, Any]:
+        """The next message; ``TimeoutError`` after ``idle_timeout_s`` of silence with nothing in
+        flight (a client waiting for a long chunk's reply is not idle)."""
+        while True:
+            try:
+                async with asyncio.timeout(self.idle_timeout_s):
+                    return await self.websocket.receive()
+            except TimeoutError:
+                if not self.steps and self.queue.empty():
+                    raise
 
     def _start(self, message: Mapping[str, Any]) -> _Item:
         assert self.contract is not None
