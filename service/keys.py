@@ -87,7 +87,7 @@ class KeyRing:
         self._lock = threading.Lock()
         self._keys: dict[str, ApiKey] = {}
         self._signature: tuple[int, int, int] | None = None
-        self._checked = 0.0
+        self._checked = time.monotonic()  # just loaded (0.0 would re-check at once on a host up > interval)
         self._load(strict=True)
 
     def __len__(self) -> int:
