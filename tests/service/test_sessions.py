@@ -169,7 +169,7 @@ def bad_states(fingerprint: str) -> list[tuple[bytes, type[CarryoverError], str]
     nan = good.copy()
     nan[0, 0] = np.nan
     return [
-        (b"not a zip", InvalidInput, "not a readable .npz"),
+        (b"not a zip", InvalidInput, "must be an .npz archive"),
         (npz(h0=good, extra=good), InvalidInput, "unknown tensor 'extra'"),
         (npz(c0=good), InvalidInput, "unknown tensor 'c0'"),
         (npz(carryover_step=np.int64(1)), InvalidInput, "state tensor 'h0' is missing"),
