@@ -178,7 +178,7 @@ def bad_states(fingerprint: str) -> list[tuple[bytes, type[CarryoverError], str]
         (npz(h0=nan), InvalidInput, "contains NaN or Inf"),
         (npz(h0=good, carryover_step=np.int64(-1)), InvalidInput, "carryover_step"),
         (npz(h0=good, carryover_fingerprint=np.str_("0" * 64)), ModelMismatch, "fingerprint"),
-        (npz(h0=np.array([object()], dtype=object)), InvalidInput, "without pickles"),
+        (npz(h0=np.array([object()], dtype=object)), InvalidInput, "never unpickled"),
     ]
 
 
