@@ -24,6 +24,8 @@ from service.config import Settings
 from service.engine.cas import rewrite
 from service.engine.contract import ModelContract
 from service.engine.generation import (
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
     DoneEvent,
     GenerateCall,
     GenerationStream,
@@ -34,7 +36,7 @@ from service.engine.generation import (
 from service.engine.model import RecurrentModel
 from service.engine.scheduler import Scheduler, StepReply
 from service.engine.tensors import initial_state_bytes, request_digest, states_to_bytes
-from service.engine.validation import validate_inputs
+from service.engine.validation import integral, validate_inputs
 from service.errors import (
     InvalidInput,
     ModelMismatch,
@@ -50,6 +52,8 @@ from service.state_file import read_state_file, write_state_file
 from service.store.store import SessionRecord, SessionStore
 
 __all__ = [
+    "MAX_STOP_CHARS",
+    "MAX_STOP_STRINGS",
     "MAX_TTL_S",
     "SESSION_ID",
     "DoneEvent",
@@ -81,14 +85,6 @@ ROUTING_STRIPES = 256
 def is_session_id(value: object) -> bool:
     """Whether ``value`` follows the session id rule; a path id that does not is simply absent."""
     return isinstance(value, str) and SESSION_ID.match(value) is not None
-
-
-def integral(value: object) -> object:
-    """JSON has one number type: an integral float (``3.0``, valid for a JSON Schema ``integer``)
-    is that int; anything else, ``bool`` included, is returned as it is for the caller to judge."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
 
 
 def checked_step(value: object) -> int | None:

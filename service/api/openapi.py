@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from service.api.problems import PROBLEM_MEDIA_TYPE
 from service.api.schemas import REQUEST_ID_DOC, Problem, StepRequest, inputs_schema
+from service.api.sse import generate_schema
 from service.api.state import app_state
 
 
@@ -31,6 +32,11 @@ def install_openapi(app: FastAPI) -> None:
             contracts = {name: m.contract for name, m in sessions.models.items()}
             limit = app_state(app).settings.max_steps_per_request
             schemas["StepRequest"]["properties"]["inputs"] = inputs_schema(contracts, limit)
+            vocabs = [len(c.vocab) for c in contracts.values() if c.kind == "token_lm" and c.vocab]
+            generation = schema.get("paths", {}).get("/v1/sessions/{session_id}/generate", {}).get("post")
+            if vocabs and generation is not None:  # ids valid for every served token LM
+                body = generation["requestBody"]["content"]["application/json"]
+                body["schema"] = generate_schema(min(vocabs), limit, app_state(app).settings.max_generate_tokens)
         problem_content = {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
         for operations in schema.get("paths", {}).values():
             for operation in operations.values():

@@ -15,6 +15,14 @@ from service.engine.contract import DataTensor, ModelContract
 from service.errors import InvalidInput
 
 
+def integral(value: object) -> object:
+    """JSON has one number type: an integral float (``3.0``, valid for a JSON Schema ``integer``)
+    is that int; anything else, ``bool`` included, is returned as it is for the caller to judge."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def validate_inputs(contract: ModelContract, inputs: Mapping[str, Any], max_steps: int) -> dict[str, np.ndarray]:
     if not isinstance(inputs, Mapping) or not inputs:
         raise InvalidInput(f"'inputs' must be an object with the model's inputs {_names(contract)}")
