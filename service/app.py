@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, Recurre
             log.info("carryover stopped")
 
     from service.api.http import install_http
+    from service.api.page import install_page
     from service.api.ws import install_ws
 
     app = FastAPI(
@@ -83,4 +84,5 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, Recurre
     app.state.ready, app.state.shutting_down, app.state.websockets = False, False, set()
     install_http(app)
     install_ws(app)
+    install_page(app)
     return app
