@@ -28,6 +28,7 @@ import numpy as np
 from service.config import BUNDLED_MODEL, Settings
 from service.engine.model import RecurrentModel
 from service.sessions import SessionService
+from service.store.embedded import redis_or_embedded
 from service.store.store import SessionStore
 
 RESULTS = Path(__file__).parent / "results"
@@ -99,15 +100,18 @@ def raw_run(model: RecurrentModel, shapes: list[tuple[int, int]]) -> dict[str, A
 
 async def measure(model: RecurrentModel, args: argparse.Namespace, steps: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="carryover-bench-") as tmp:
-        store = await SessionStore.connect(args.redis_url, data_dir=Path(tmp))
-        try:
-            common: dict[str, Any] = {"data_dir": Path(tmp), "max_wait_us": 2000}
-            batched = await engine_run(model, store, args.sessions, args.requests, steps, max_batch_size=64, **common)
-            single = await engine_run(
-                model, store, args.sessions, max(1, args.requests // 4), steps, max_batch_size=1, **common
-            )
-        finally:
-            await store.close()
+        async with redis_or_embedded(args.redis_url, Path(tmp)) as redis_url:
+            store = await SessionStore.connect(redis_url)
+            try:
+                common: dict[str, Any] = {"data_dir": Path(tmp), "max_wait_us": 2000}
+                batched = await engine_run(
+                    model, store, args.sessions, args.requests, steps, max_batch_size=64, **common
+                )
+                single = await engine_run(
+                    model, store, args.sessions, max(1, args.requests // 4), steps, max_batch_size=1, **common
+                )
+            finally:
+                await store.close()
     raw = raw_run(model, batched["shapes"])
     return {
         "steps_per_request": steps,
@@ -126,26 +130,27 @@ async def measure_bucketing(model: RecurrentModel, args: argparse.Namespace, lon
     """Ragged request lengths (1..longest): length buckets on (default) vs one call per batch."""
     out: dict[str, Any] = {"request_steps": f"1..{longest}"}
     with tempfile.TemporaryDirectory(prefix="carryover-bench-") as tmp:
-        store = await SessionStore.connect(args.redis_url, data_dir=Path(tmp))
-        try:
-            for label, overhead in (("buckets", Settings().bucket_overhead_tokens), ("one_call", 10**9)):
-                run = await engine_run(
-                    model,
-                    store,
-                    args.sessions,
-                    args.requests,
-                    longest,
-                    ragged=True,
-                    data_dir=Path(tmp),
-                    bucket_overhead_tokens=overhead,
-                )
-                out[label] = {
-                    "steps_per_s": round(run["steps_per_s"]),
-                    "padding": round(run["padding"], 3),
-                    "model_calls": run["model_calls"],
-                }
-        finally:
-            await store.close()
+        async with redis_or_embedded(args.redis_url, Path(tmp)) as redis_url:
+            store = await SessionStore.connect(redis_url)
+            try:
+                for label, overhead in (("buckets", Settings().bucket_overhead_tokens), ("one_call", 10**9)):
+                    run = await engine_run(
+                        model,
+                        store,
+                        args.sessions,
+                        args.requests,
+                        longest,
+                        ragged=True,
+                        data_dir=Path(tmp),
+                        bucket_overhead_tokens=overhead,
+                    )
+                    out[label] = {
+                        "steps_per_s": round(run["steps_per_s"]),
+                        "padding": round(run["padding"], 3),
+                        "model_calls": run["model_calls"],
+                    }
+            finally:
+                await store.close()
     return out
 
 

@@ -1,6 +1,9 @@
 """Plots of the benchmark results (PNG files next to the JSON the benchmarks write).
 
 python -m bench.plots        # after bench.engine and/or bench.api
+
+``plot_matrix`` draws the four plots of a ``bench.run_all`` result (throughput vs sessions,
+latency CDF, batch size distribution, stage breakdown) into docs/bench/.
 """
 
 from __future__ import annotations
@@ -65,6 +68,115 @@ def api_plot(result: dict[str, Any], target: Path) -> None:
     fig.tight_layout()
     fig.savefig(target, dpi=120)
     plt.close(fig)
+
+
+def _label(ax: Any, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=6)
+
+
+def _save(fig: Any, target: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(target, dpi=120)
+    plt.close(fig)
+
+
+def _series(result: dict[str, Any]) -> list[tuple[str, str]]:
+    setup = result["setup"]
+    return [(s, t) for s in setup["servers"] for t in setup["transports"]]
+
+
+def _measured(result: dict[str, Any]) -> list[dict[str, Any]]:
+    return [p for p in result["points"] if "skipped" not in p]
+
+
+def throughput_plot(result: dict[str, Any], target: Path) -> None:
+    chunks = result["setup"]["chunks"]
+    fig, axes = plt.subplots(1, len(chunks), figsize=(5 * len(chunks), 3.8), squeeze=False)
+    for ax, chunk in zip(axes[0], chunks, strict=True):
+        for server, transport in _series(result):
+            pts = sorted(
+                (p["sessions"], p["steps_per_s"])
+                for p in _measured(result)
+                if (p["server"], p["transport"], p["chunk"]) == (server, transport, chunk)
+            )
+            if pts:
+                style = "-" if transport == "http" else "--"
+                ax.plot(*zip(*pts, strict=True), style, marker="o", ms=3, label=f"{server}, {transport}")
+        raw = sorted((r["sessions"], r["steps_per_s"]) for r in result["raw_ort"] if r["chunk"] == chunk)
+        if raw:
+            ax.plot(*zip(*raw, strict=True), ":", marker="x", color="black", label="raw ORT, same shapes")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        _label(ax, "concurrent sessions", "timesteps / s", f"{chunk} timestep(s) per request")
+    _save(fig, target)
+
+
+def latency_cdf_plot(result: dict[str, Any], target: Path, sessions: int) -> None:
+    chunks = result["setup"]["chunks"]
+    fig, axes = plt.subplots(1, len(chunks), figsize=(5 * len(chunks), 3.6), squeeze=False)
+    for ax, chunk in zip(axes[0], chunks, strict=True):
+        for p in _measured(result):
+            if p["sessions"] == sessions and p["chunk"] == chunk and p["latency_cdf_ms"]:
+                q, ms = zip(*p["latency_cdf_ms"], strict=True)
+                ax.plot(ms, [x / 100 for x in q], label=f"{p['server']}, {p['transport']}")
+        ax.set_xscale("log")
+        _label(ax, "latency (ms)", "share of requests", f"{sessions} sessions, {chunk} timestep(s) per request")
+    _save(fig, target)
+
+
+def batch_size_plot(result: dict[str, Any], target: Path) -> None:
+    rows = [b for b in result["breakdown"] if b.get("batch_rows")]
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    width = 0.8 / max(len(rows), 1)
+    for i, b in enumerate(rows):
+        hist = b["batch_rows"]
+        total = max(sum(hist["counts"]), 1)
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(hist["counts"]))]
+        label = f"{b['transport']}, {b['chunk']} step(s)/request (mean {hist['mean_rows'] or 0:.1f} rows)"
+        ax.bar(xs, [c / total for c in hist["counts"]], width, label=label)
+    if rows:
+        ax.set_xticks(
+            range(len(rows[0]["batch_rows"]["le"])),
+            [f"≤{le:g}" if isinstance(le, float) else f"≤{le}" for le in rows[0]["batch_rows"]["le"]],
+        )
+    sessions = rows[0]["sessions"] if rows else "?"
+    _label(ax, "rows (sessions) per model call", "share of model calls", f"batch sizes, service at {sessions} sessions")
+    _save(fig, target)
+
+
+def stage_plot(result: dict[str, Any], target: Path) -> None:
+    rows = result["breakdown"]
+    stages = list(rows[0]["stages"]) if rows else []
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    height = 0.8 / max(len(rows), 1)
+    for i, b in enumerate(rows):
+        ys = [j + (i - (len(rows) - 1) / 2) * height for j in range(len(stages))]
+        values = [b["stages"][s].get("mean_ms") or 0.0 for s in stages]
+        ax.barh(ys, values, height, label=f"{b['transport']}, {b['chunk']} step(s)/request")
+        for y, s in zip(ys, stages, strict=True):
+            if i == 0 and "status" in b["stages"][s]:
+                ax.annotate(
+                    b["stages"][s]["status"], (0, y), fontsize=6, va="center", xytext=(3, 0), textcoords="offset points"
+                )
+    ax.set_yticks(range(len(stages)), [s.replace("_", " ") for s in stages])
+    ax.invert_yaxis()
+    ax.set_xlabel("mean ms per observation")
+    sessions = rows[0]["sessions"] if rows else "?"
+    ax.set_title(f"where a request's time goes, service at {sessions} sessions")
+    ax.legend(fontsize=6)
+    _save(fig, target)
+
+
+def plot_matrix(result: dict[str, Any], target: Path) -> None:
+    """The four PNGs of a ``run_all`` result, into the folder ``target``."""
+    sessions = result["breakdown"][0]["sessions"] if result["breakdown"] else max(result["setup"]["sessions"])
+    throughput_plot(result, target / "throughput.png")
+    latency_cdf_plot(result, target / "latency_cdf.png", sessions)
+    batch_size_plot(result, target / "batch_sizes.png")
+    stage_plot(result, target / "stages.png")
 
 
 def plot_all(results: Path = RESULTS) -> None:

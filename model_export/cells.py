@@ -92,6 +92,23 @@ def lstm_step(
     return h_new, c_new
 
 
+def gru_step_reset_before(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor) -> Tensor:
+    """One GRU step with the reset gate applied BEFORE the recurrent matmul (Keras's
+    ``reset_after=False``, the original Cho et al. GRU): ``n = tanh(W_in x + b_in + W_hn (r * h))``.
+    Gate order (r, z, n) as in ``gru_step``; there is no recurrent bias in this variant."""
+    i_r, i_z, i_n = (x @ w_ih.t() + b_ih).chunk(3, dim=-1)
+    w_hr, w_hz, w_hn = w_hh.chunk(3, dim=0)
+    r = torch.sigmoid(i_r + h @ w_hr.t())
+    z = torch.sigmoid(i_z + h @ w_hz.t())
+    n = torch.tanh(i_n + (r * h) @ w_hn.t())
+    return (1 - z) * n + z * h
+
+
+def simple_rnn_step(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b: Tensor) -> Tensor:
+    """One Elman (tanh) RNN step: ``h' = tanh(W_ih x + b + W_hh h)``."""
+    return torch.tanh(x @ w_ih.t() + b + h @ w_hh.t())
+
+
 class RecurrentNet(nn.Module):
     """A stacked GRU or LSTM with optional embedding / input projection and output head.
 

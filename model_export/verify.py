@@ -4,13 +4,16 @@ Random sequences are split into random chunks and run in random padded batches n
 other (right padding, left padding, holes, all-padding rows, T values unlike the export
 example, B = 1 and B > 1), carrying each sequence's state from batch to batch exactly as the
 service does. Every sequence's outputs and final state must equal its unpadded B = 1 run, and
-(with ``--torch-module``) PyTorch's own step-by-step run. Padded outputs must be zero and an
-all-padding row must leave its state byte-identical. Torch is imported only for that option.
+(with ``--torch-module``) PyTorch's own step-by-step run, or (with ``--keras``) Keras's own
+``predict`` and stateful calls (``model_export.keras_verify``). Padded outputs must be zero and an
+all-padding row must leave its state byte-identical. Torch and Keras are imported only for those
+options.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +37,7 @@ class VerifyReport:
     worst_output_error: float = 0.0
     worst_state_error: float = 0.0
     worst_torch_error: float | None = None
+    worst_keras_error: float | None = None
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -52,6 +56,8 @@ class VerifyReport:
         ]
         if self.worst_torch_error is not None:
             lines.append(f"  worst |error| vs PyTorch: {self.worst_torch_error:.3g}")
+        if self.worst_keras_error is not None:
+            lines.append(f"  worst |error| vs Keras (predict, stateful chunks): {self.worst_keras_error:.3g}")
         lines += [f"  FAIL: {f}" for f in self.failures[:10]]
         return "\n".join(lines)
 
@@ -196,13 +202,19 @@ def verify_model(
     seed: int = 0,
     tolerance: float = 1e-5,
     torch_module: Any | None = None,
+    keras_model: Any | None = None,
 ) -> VerifyReport:
     """``rounds`` random schedules over the same random sequences; see the module doc."""
     rng = np.random.default_rng(seed)
     c = model.contract
     report = VerifyReport(model.name, tolerance, sequences=sequences)
     lengths = [1, *rng.integers(2, max_len + 1, size=sequences - 1).tolist()]
-    data = [random_inputs(c, n, rng) for n in lengths]
+    make_inputs: Callable[[ModelContract, int, np.random.Generator], dict[str, np.ndarray]] = random_inputs
+    if keras_model is not None:
+        from model_export.keras_verify import keras_inputs
+
+        make_inputs = keras_inputs(keras_model)
+    data = [make_inputs(c, n, rng) for n in lengths]
     try:
         refs = [unpadded_run(model, d) for d in data]
         for _ in range(rounds):
@@ -229,6 +241,12 @@ def verify_model(
         report.worst_torch_error = compare_with_torch(torch_module, c, data, refs)
         if report.worst_torch_error > tolerance:
             report.failures.append(f"ONNX differs from PyTorch by {report.worst_torch_error:.3g}")
+    if keras_model is not None:
+        from model_export.keras_verify import compare_with_keras
+
+        report.worst_keras_error = compare_with_keras(keras_model, c, data, refs, seed)
+        if report.worst_keras_error > tolerance:
+            report.failures.append(f"ONNX differs from Keras by {report.worst_keras_error:.3g}")
     return report
 
 

@@ -27,6 +27,11 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"verify {args.model}: FAILED\n  the model breaks the contract: {e}")
         return 1
     module = load_torch_module(args.torch_module) if args.torch_module else None
+    keras_model = None
+    if args.keras:
+        from model_export.keras import load_keras_model
+
+        keras_model = load_keras_model(args.keras)
     report = verify_model(
         model,
         sequences=args.sequences,
@@ -34,6 +39,7 @@ def _verify(args: argparse.Namespace) -> int:
         seed=args.seed,
         tolerance=args.tolerance,
         torch_module=module,
+        keras_model=keras_model,
     )
     print(report.render())
     return 0 if report.ok else 1
@@ -60,12 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         "verify",
         help="check the carry invariant of an exported model",
         description="Run random chunkings and paddings of random sequences and compare "
-        "with the unpadded B=1 run (and PyTorch with --torch-module).",
+        "with the unpadded B=1 run (and PyTorch with --torch-module, Keras with --keras).",
     )
     verify.add_argument(
         "model", type=Path, nargs="?", default=BUNDLED_MODEL, help="ONNX file (default: bundled char LM)"
     )
     verify.add_argument("--torch-module", help="package.module:factory returning the exported nn.Module")
+    verify.add_argument("--keras", type=Path, metavar="MODEL.keras", help="the Keras model the ONNX was converted from")
     verify.add_argument(
         "--state", action="append", metavar="IN:OUT[:AXIS]", help="state pair for models without metadata"
     )
@@ -82,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs bench/engine.py or bench/api.py; arguments after the name go to it "
         "(e.g. carryover bench engine --steps 8 32).",
     )
-    bench.add_argument("which", choices=["engine", "api"])
+    bench.add_argument("which", choices=["engine", "api", "loadgen", "run_all"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark (see its --help)")
     bench.set_defaults(func=_bench)
 

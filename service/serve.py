@@ -101,10 +101,9 @@ class DrainingServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         app = _find_app(self.config.loaded_app)
         if app is not None:
-            from service.api.ws import close_all
+            from service.api.state import app_state
 
-            app.state.shutting_down = True
-            await close_all(app)
+            await app_state(app).drain()  # the app's one drain; its lifespan's call is then a no-op
         await super().shutdown(sockets)
 
 

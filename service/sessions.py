@@ -1,14 +1,16 @@
-"""Session operations: the one Python API every transport calls (DESIGN §2–§4).
+"""Session operations: the one contract every transport calls (DESIGN §2–§4).
 
-Steps go through the model's ``Scheduler``; create / reset / import / delete write the store
-directly, each write a compare-and-set, so they interleave safely with in-flight steps (a step
-that loses the race runs again on the new state).
+HTTP, WebSocket and ``/v2`` are leaves that depend on this module and on nothing below it: it
+owns the request and reply types (``StepCall``, ``StepReply``, ``SessionInfo``), the one parser
+of a step envelope (``parse_step``) and the one rule for each request field (``step``,
+``ttl_s``, session ids, owners). Steps go through the model's ``Scheduler``; create / reset /
+import / delete write the store directly, each write a compare-and-set, so they interleave
+safely with in-flight steps (a step that loses the race runs again on the new state).
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import re
 import secrets
 import time
@@ -16,33 +18,109 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
-
 from service.config import Settings
 from service.engine.cas import rewrite
+from service.engine.contract import ModelContract
 from service.engine.model import RecurrentModel
 from service.engine.scheduler import Scheduler, StepReply
-from service.engine.tensors import initial_state_bytes, request_digest, states_from_bytes, states_to_bytes
+from service.engine.tensors import initial_state_bytes, request_digest, states_to_bytes
 from service.engine.validation import validate_inputs
 from service.errors import (
     InvalidInput,
     ModelMismatch,
     ModelNotFound,
+    SessionCorrupt,
     SessionExists,
     SessionNotFound,
     TooManySessions,
+    Unavailable,
 )
 from service.metrics import Metrics
+from service.state_file import read_state_file, write_state_file
 from service.store.store import SessionRecord, SessionStore
 
-CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,127}$")
-META_KEYS = ("carryover_step", "carryover_fingerprint", "carryover_model")
+__all__ = [
+    "MAX_TTL_S",
+    "SESSION_ID",
+    "ModelContract",
+    "SessionInfo",
+    "SessionService",
+    "StepCall",
+    "StepReply",
+    "checked_step",
+    "is_session_id",
+    "parse_step",
+]
+
+# One rule for every session id, chosen at create or named in a path: URL-safe without escaping.
+SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,127}$")
+SESSION_ID_RULE = "1-128 characters of A-Z a-z 0-9 . _ ~ - starting with a letter or digit"
+MAX_TTL_S = 366 * 86_400
+STEP_FIELDS = frozenset({"inputs", "step"})
 COUNT_CACHE_S = 1.0
 ROUTING_STRIPES = 256
 
 
+# -- the request rules (each exactly once) ---------------------------------------------------------
+def is_session_id(value: object) -> bool:
+    """Whether ``value`` follows the session id rule; a path id that does not is simply absent."""
+    return isinstance(value, str) and SESSION_ID.match(value) is not None
+
+
+def checked_step(value: object) -> int | None:
+    """The ``step`` of a request: ``None`` (arrival order) or a non-negative int (``bool`` is not)."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise InvalidInput(f"'step' must be a non-negative integer, not {value!r:.40}")
+
+
+def checked_ttl(value: object, default: int) -> int:
+    """Seconds without access before a session expires: an int in [1, ``MAX_TTL_S``]."""
+    if value is None:
+        return default
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_TTL_S:
+        return value
+    raise InvalidInput(f"ttl_s must be an integer number of seconds between 1 and {MAX_TTL_S}")
+
+
+@dataclass(frozen=True)
+class StepCall:
+    """One step as every transport hands it over: ``inputs`` with a leading T axis (checked
+    against the model when submitted) and ``expected_step`` for exactly-once (``None``: apply in
+    arrival order). Built valid or not at all."""
+
+    inputs: Mapping[str, Any]
+    expected_step: int | None = None
+
+    def __post_init__(self) -> None:
+        checked_step(self.expected_step)
+
+
+def parse_step(body: object, *, transport_fields: frozenset[str] = frozenset()) -> StepCall:
+    """THE parser of a step envelope: a decoded JSON object ``{"inputs": {...}, "step": n?}`` →
+    ``StepCall``. ``transport_fields`` are keys a transport reads itself (the WebSocket's ``id``)
+    and are ignored here; any other unknown key is an error."""
+    if not isinstance(body, dict):
+        raise InvalidInput('a step must be a JSON object: {"inputs": {"<name>": [...]}, "step": n?}')
+    unknown = sorted(set(body) - STEP_FIELDS - transport_fields)
+    if unknown:
+        allowed = ", ".join(repr(f) for f in sorted(STEP_FIELDS | transport_fields))
+        raise InvalidInput(f"unknown field(s) {unknown}; a step takes {allowed} ('inputs' required)")
+    if "inputs" not in body:
+        raise InvalidInput("missing field 'inputs'")
+    inputs = body["inputs"]
+    if not isinstance(inputs, dict):
+        raise InvalidInput("'inputs' must be an object mapping each input name to an array with a leading T axis")
+    return StepCall(inputs, body.get("step"))
+
+
+# -- the reply types ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SessionInfo:
+    """A session's metadata, as every transport reports it."""
+
     session_id: str
     model: str
     fingerprint: str
@@ -119,11 +197,9 @@ class SessionService:
         fork_from: str | None = None,
         owner: str = "",
     ) -> SessionInfo:
-        ttl = self._ttl(ttl_s)
-        if session_id is not None and not CLIENT_ID.match(session_id):
-            raise InvalidInput(
-                "session_id must be 1-128 characters of A-Z a-z 0-9 . _ ~ - and start with a letter or digit"
-            )
+        ttl = checked_ttl(ttl_s, self.settings.session_ttl_s)
+        if session_id is not None and not is_session_id(session_id):
+            raise InvalidInput(f"session_id must be {SESSION_ID_RULE}")
         await self._check_capacity()
         now = time.time()
         if fork_from is not None:
@@ -139,7 +215,7 @@ class SessionService:
             served_name = model or self.default_model
             served = self.model(served_name)
             step, states = 0, initial_state_bytes(served.contract)
-        public_id = session_id or secrets.token_urlsafe(16)
+        public_id = session_id or new_session_id()
         record = SessionRecord(
             session_id=self._key(public_id, owner),
             model=served_name,
@@ -162,7 +238,7 @@ class SessionService:
 
     async def delete(self, session_id: str, owner: str = "") -> None:
         if not await self.store.delete(self._key(session_id, owner)):
-            raise SessionNotFound(f"session {session_id!r} does not exist or has expired")
+            raise _not_found(session_id)
         self._session_model.pop(self._key(session_id, owner), None)
 
     async def reset(self, session_id: str, owner: str = "") -> SessionInfo:
@@ -176,48 +252,60 @@ class SessionService:
         self, session_id: str, inputs: Mapping[str, Any], expected_step: int | None = None, owner: str = ""
     ) -> StepReply:
         """Apply ``inputs`` (leading T axis) to the session, exactly once (see DESIGN §4)."""
-        if expected_step is not None and (not isinstance(expected_step, int) or expected_step < 0):
-            raise InvalidInput("'step' must be a non-negative integer")
+        return await self.apply(session_id, StepCall(inputs, expected_step), owner)
+
+    async def apply(self, session_id: str, call: StepCall, owner: str = "") -> StepReply:
+        """Run one parsed step (what the transports call with ``parse_step``'s result).
+
+        Sessions only *route* a step to its model's scheduler; whether the session exists, is
+        ``owner``'s and holds that model's state is checked once, by the scheduler, on the
+        record it reads for the batch (the read that the write's compare-and-set is based on,
+        so no check here could be fresher)."""
         key = self._key(session_id, owner)
         if len(self.models) == 1:  # no await before submit: calls queue in the order they were made
-            future = self._submit(self.default_model, key, owner, inputs, expected_step)
+            future = self._submit(self.default_model, key, owner, call)
         else:
             # Finding the session's model may need Redis; a FIFO lock per key stripe keeps the
             # submissions of one session in call order across that await (pipelined WS chunks).
             async with self._routing_locks[hash(key) % len(self._routing_locks)]:
                 if key not in self._session_model:
-                    self._session_model[key] = (await self._load(session_id, owner)).model
-                future = self._submit(self._session_model[key], key, owner, inputs, expected_step)
+                    self._session_model[key] = await self._model_of(key, session_id)
+                future = self._submit(self._session_model[key], key, owner, call)
         reply = await future
         return replace(reply, session_id=session_id)
 
-    def _submit(
-        self, name: str, key: str, owner: str, inputs: Mapping[str, Any], expected_step: int | None
-    ) -> asyncio.Future[StepReply]:
-        """Validate and queue; the scheduler re-checks the session's model on its record."""
-        arrays = validate_inputs(self.model(name).contract, inputs, self.settings.max_steps_per_request)
-        return self.schedulers[name].submit(key, owner, arrays, expected_step, request_digest(arrays))
+    def _submit(self, name: str, key: str, owner: str, call: StepCall) -> asyncio.Future[StepReply]:
+        arrays = validate_inputs(self.model(name).contract, call.inputs, self.settings.max_steps_per_request)
+        return self.schedulers[name].submit(key, owner, arrays, call.expected_step, request_digest(arrays))
+
+    async def _model_of(self, key: str, session_id: str) -> str:
+        """Routing only (see ``apply``): the model named in the session's record."""
+        (record,) = await self.store.load([key])
+        if isinstance(record, SessionCorrupt):
+            raise record
+        if record is None:
+            raise _not_found(session_id)
+        return record.model
+
+    # -- readiness --------------------------------------------------------------------------
+    async def ping(self) -> None:
+        """Readiness: the store answers within ``redis_timeout_s``, else ``Unavailable``."""
+        try:
+            async with asyncio.timeout(self.settings.redis_timeout_s):
+                await self.store.ping()
+        except Exception as e:  # any failure to answer means: not ready
+            raise Unavailable(f"the session store does not answer: {type(e).__name__}: {e}") from None
 
     # -- state export / import --------------------------------------------------------------
     async def export_state(self, session_id: str, owner: str = "") -> bytes:
         """``.npz`` with the state tensor names as keys, plus step, fingerprint and model."""
         record = await self._load(session_id, owner)
-        model = self.model(record.model)
-        states = states_from_bytes(model.contract, record.states)
-        buffer = io.BytesIO()
-        arrays: dict[str, Any] = {
-            **states,
-            "carryover_step": np.int64(record.step),
-            "carryover_fingerprint": np.str_(record.fingerprint),
-            "carryover_model": np.str_(record.model),
-        }
-        np.savez(buffer, **arrays)
-        return buffer.getvalue()
+        return write_state_file(self.model(record.model), record)
 
     async def import_state(self, session_id: str, data: bytes, owner: str = "") -> SessionInfo:
         record = await self._load(session_id, owner)
         model = self.model(record.model)
-        states, step = parse_state_file(data, model)
+        states, step = read_state_file(data, model)
 
         def load_into(current: SessionRecord) -> SessionRecord:
             return replace(current, step=step, states=states_to_bytes(model.contract, states))
@@ -227,15 +315,11 @@ class SessionService:
     # -- helpers ----------------------------------------------------------------------------
     @staticmethod
     def _key(session_id: str, owner: str) -> str:
-        """Store id: sessions are namespaced by owner, so another owner's id is simply absent."""
+        """Store id: sessions are namespaced by owner, so another owner's id is simply absent; so
+        is an id that breaks the session id rule (it can never have been created)."""
+        if not is_session_id(session_id):
+            raise _not_found(session_id)
         return f"{owner}:{session_id}" if owner else session_id
-
-    def _ttl(self, ttl_s: int | None) -> int:
-        if ttl_s is None:
-            return self.settings.session_ttl_s
-        if not isinstance(ttl_s, int) or not 1 <= ttl_s <= 366 * 86400:
-            raise InvalidInput("ttl_s must be an integer number of seconds between 1 and 31622400")
-        return ttl_s
 
     async def _check_capacity(self) -> None:
         checked, count = self._count
@@ -248,10 +332,11 @@ class SessionService:
             raise TooManySessions(f"the server holds its limit of {self.settings.max_sessions} sessions")
 
     async def _load(self, session_id: str, owner: str) -> SessionRecord:
-        record: SessionRecord | None
         (record,) = await self.store.load([self._key(session_id, owner)])
-        if record is None or record.owner != owner:
-            raise SessionNotFound(f"session {session_id!r} does not exist or has expired")
+        if isinstance(record, SessionCorrupt):
+            raise record
+        if record is None or record.owner != owner:  # the owner rule of every non-step path
+            raise _not_found(session_id)
         return record
 
     async def _rewrite(
@@ -272,45 +357,13 @@ class SessionService:
         )
 
 
-def parse_state_file(data: bytes, model: RecurrentModel) -> tuple[dict[str, np.ndarray], int]:
-    """Validate an uploaded ``.npz``: names, shapes, dtypes, finite values, same model. Never
-    unpickles (``allow_pickle=False``)."""
-    import zipfile
+def new_session_id() -> str:
+    """128 random bits, URL-safe (22 characters), drawn again in the 1 in 32 cases where the
+    first character is ``-`` or ``_``, so generated ids follow the session id rule too."""
+    while not is_session_id(candidate := secrets.token_urlsafe(16)):
+        pass
+    return candidate
 
-    c = model.contract
-    try:
-        archive = np.load(io.BytesIO(data), allow_pickle=False)
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise InvalidInput("the state must be an .npz archive with one array per state tensor")
-        arrays = {k: archive[k] for k in archive.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise InvalidInput(f"the state is not a readable .npz archive without pickles: {e}") from None
-    names = {s.input for s in c.states}
-    for key in arrays:
-        if key not in names and key not in META_KEYS:
-            raise InvalidInput(f"unknown tensor {key!r} in the state; the model's state tensors are {sorted(names)}")
-    fp = arrays.get("carryover_fingerprint")
-    if fp is not None and str(fp) != model.fingerprint:
-        raise ModelMismatch(
-            f"the state was written by a model with fingerprint {str(fp)[:12]}…, this session's "
-            f"model is {model.fingerprint[:12]}…"
-        )
-    states = {}
-    for s in c.states:
-        if s.input not in arrays:
-            raise InvalidInput(f"state tensor {s.input!r} is missing from the archive")
-        a = arrays[s.input]
-        if a.shape != s.shape:
-            raise InvalidInput(f"state tensor {s.input!r} has shape {list(a.shape)}; the model expects {list(s.shape)}")
-        if a.dtype != s.dtype:
-            raise InvalidInput(f"state tensor {s.input!r} is {a.dtype.name}; the model expects {s.dtype.name}")
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
-            raise InvalidInput(f"state tensor {s.input!r} contains NaN or Inf")
-        states[s.input] = a
-    step_value = arrays.get("carryover_step")
-    step = 0
-    if step_value is not None:
-        if step_value.shape != () or step_value.dtype.kind not in "iu" or int(step_value) < 0:
-            raise InvalidInput("carryover_step must be a non-negative integer scalar")
-        step = int(step_value)
-    return states, step
+
+def _not_found(session_id: str) -> SessionNotFound:
+    return SessionNotFound(f"session {session_id!r:.140} does not exist or has expired")

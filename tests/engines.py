@@ -19,10 +19,10 @@ from service.store.store import SessionStore
 
 @contextlib.asynccontextmanager
 async def running_engine(
-    url: str | None, models: Mapping[str, RecurrentModel], **settings: Any
+    url: str, models: Mapping[str, RecurrentModel], **settings: Any
 ) -> AsyncIterator[SessionService]:
     data_dir = Path(tempfile.mkdtemp(prefix="carryover-engine-"))
-    store = await SessionStore.connect(url, data_dir=data_dir)
+    store = await SessionStore.connect(url)
     service = SessionService(Settings(data_dir=data_dir, **settings), store, models)
     await service.start()
     try:

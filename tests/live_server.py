@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 
+from service.api.state import app_state
 from service.app import create_app
 from service.config import Settings
 from service.engine.model import RecurrentModel
@@ -24,7 +25,7 @@ class LiveServer:
     def __init__(self, app: FastAPI, port: int | None = None) -> None:
         self.app = app
         self.port = port or free_port()
-        settings = app.state.settings.model_copy(update={"host": "127.0.0.1", "port": self.port})
+        settings = app_state(app).settings.model_copy(update={"host": "127.0.0.1", "port": self.port})
         self.server = DrainingServer(uvicorn_config(app, settings, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
 

@@ -26,7 +26,7 @@ import pytest
 import redis
 
 from service.errors import EmbeddedRedisError
-from service.store.embedded import find_redis_server
+from service.store.launcher import find_redis_server
 from tests.redis_fixture import START_TIMEOUT_S, RedisServer
 
 SLOTS = 16384

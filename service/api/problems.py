@@ -1,18 +1,40 @@
-"""RFC 9457 problem details: the one place where errors become HTTP responses or WS messages."""
+"""The one place where the error catalogue (``service/errors.py``) meets the wire: RFC 9457
+problem details for HTTP (the exception handlers too), and for WebSockets the error message and
+the close code an error ends a connection with."""
 
 from __future__ import annotations
 
+import logging
 from http import HTTPStatus
 from typing import Any
 
 import orjson
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.responses import Response
 
-from service.errors import CarryoverError
+from service.errors import (
+    CarryoverError,
+    InvalidJson,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    SessionNotFound,
+    ShuttingDown,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
 
 PROBLEM_TYPE_BASE = "https://carryover.dev/problems/"
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 DEFAULT_RETRY_AFTER_S = 1  # a 503 always says when to come back
+
+# WebSocket close codes (RFC 6455 §7.4; 4xxx: 4000 + the HTTP status of the error).
+CLOSE_TOO_BIG, CLOSE_INTERNAL, CLOSE_RESTART, CLOSE_TRY_AGAIN = 1009, 1011, 1012, 1013
+RETRYABLE = (Overloaded, ShuttingDown, Unavailable, NotReady)  # outages: 1013, never 1011
 
 # Code and title of the failures that Starlette / FastAPI raise by status (routing, parsing).
 HTTP_PROBLEMS: dict[int, tuple[str, str]] = {
@@ -69,3 +91,88 @@ def problem_response(body: dict[str, Any], headers: dict[str, str] | None = None
     if retry_after is not None:
         out["Retry-After"] = str(max(1, round(float(retry_after))))
     return Response(orjson.dumps(body), status_code=int(body["status"]), media_type=PROBLEM_MEDIA_TYPE, headers=out)
+
+
+# -- WebSocket -------------------------------------------------------------------------------------
+def ws_error_message(error: CarryoverError, chunk_id: Any = None) -> str:
+    """``{"type": "error", ...problem fields}``; the problem's ``type`` URI becomes ``problem_type``."""
+    body = error_problem(error)
+    message: dict[str, Any] = {"type": "error", "problem_type": body.pop("type"), **body}
+    if chunk_id is not None:
+        message["id"] = chunk_id
+    return orjson.dumps(message).decode()
+
+
+def ws_close_code(error: CarryoverError) -> int | None:
+    """The close code a chunk's error ends the connection with, or ``None``: reply and go on."""
+    if isinstance(error, RETRYABLE):
+        return CLOSE_TRY_AGAIN
+    if isinstance(error, PayloadTooLarge):
+        return CLOSE_TOO_BIG
+    if isinstance(error, SessionNotFound):
+        return 4000 + error.status
+    if error.status >= 500:
+        return CLOSE_INTERNAL
+    return None
+
+
+def ws_setup_close_code(error: CarryoverError) -> int:
+    """The close code of a connection whose session could not be opened: always a close."""
+    return ws_close_code(error) or 4000 + error.status
+
+
+# -- HTTP exception handlers -----------------------------------------------------------------------
+def _request_id(request: Request) -> str | None:
+    value = getattr(request.state, "request_id", None)  # set by RequestContextMiddleware
+    return value if isinstance(value, str) else None
+
+
+async def _on_carryover_error(request: Request, exc: Exception) -> Response:
+    if request.scope["type"] != "http" or not isinstance(exc, CarryoverError):
+        raise exc  # a WebSocket's errors are its own transport's business
+    if exc.status == 500:  # 503s are expected conditions, counted and in the access log
+        log.error("%s %s: %s (request_id=%s)", request.method, request.url.path, exc.detail, _request_id(request))
+    return problem_response(error_problem(exc, _request_id(request)))
+
+
+async def _on_http_error(request: Request, exc: Exception) -> Response:
+    if request.scope["type"] != "http" or not isinstance(exc, HTTPException):
+        raise exc
+    headers = dict(exc.headers or {})
+    detail = str(exc.detail)
+    if exc.status_code == 404 and detail == "Not Found":
+        detail = f"no route matches {request.method} {request.url.path}"
+    elif exc.status_code == 405 and detail == "Method Not Allowed":
+        detail = f"{request.method} is not allowed on {request.url.path}; allowed: {headers.get('Allow', '')}"
+    return problem_response(http_problem(exc.status_code, detail, request_id=_request_id(request)), headers)
+
+
+def _where(loc: list[Any]) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] == "body":
+        return ".".join(parts[1:]) or "body"
+    return f"{parts[0]} parameter {'.'.join(parts[1:])}" if len(parts) > 1 else ".".join(parts)
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> Response:
+    if not isinstance(exc, RequestValidationError):
+        raise exc
+    rid = _request_id(request)
+    errors = list(exc.errors())
+    bad_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if bad_json is not None:
+        reason = (bad_json.get("ctx") or {}).get("error", "")
+        return problem_response(error_problem(InvalidJson(f"the body is not valid JSON: {reason}"), rid))
+    items: list[dict[str, Any]] = [
+        {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))} for e in errors
+    ]
+    detail = "; ".join(f"{_where(item['loc'])}: {item['msg']}" for item in items)
+    return problem_response(problem(422, "invalid_input", "Invalid input", detail, request_id=rid, errors=items))
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    """Every HTTP failure as problem+json: the catalogue's errors, Starlette's HTTP errors
+    (404 no route, 405, 413, ...) and FastAPI's request validation errors."""
+    app.add_exception_handler(CarryoverError, _on_carryover_error)
+    app.add_exception_handler(HTTPException, _on_http_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from service.errors import SessionNotFound, StepConflict
+from service.errors import SessionCorrupt, SessionNotFound, StepConflict
 from service.store.store import SessionRecord, SessionStore, WriteOutcome
 
 MAX_ATTEMPTS = 8  # CAS losses before giving up with a conflict
@@ -36,6 +36,8 @@ async def rewrite(
     shown = session_id if session_id is not None else key
     for _ in range(MAX_ATTEMPTS):
         (current,) = await store.load([key])
+        if isinstance(current, SessionCorrupt):
+            raise current
         if current is None or current.owner != owner:
             raise SessionNotFound(f"session {shown!r} does not exist or has expired")
         new = replace(

@@ -39,6 +39,7 @@ from service.errors import (
     CarryoverError,
     ModelMismatch,
     Overloaded,
+    SessionCorrupt,
     SessionNotFound,
     ShuttingDown,
     StepConflict,
@@ -249,7 +250,11 @@ class Scheduler:
             return []
         admitted = []
         for r, rec in zip(fresh, records, strict=True):
-            if rec is None or rec.owner != r.owner:
+            # The one owner and model check of a step: on the record this batch reads (and its
+            # write's CAS is based on); SessionService only routes the request here.
+            if isinstance(rec, SessionCorrupt):  # fails this request only; the batch goes on
+                self._fail(r, rec)
+            elif rec is None or rec.owner != r.owner:
                 self._fail(r, SessionNotFound(f"session {r.session_id!r} does not exist or has expired"))
             elif rec.fingerprint != self.model.fingerprint or rec.model != self.name:
                 self._fail(r, ModelMismatch(f"session {r.session_id!r} holds state of another model"))
@@ -264,8 +269,12 @@ class Scheduler:
                         ),
                     )
             else:
+                try:
+                    r.states = states_from_bytes(self.model.contract, rec.states)
+                except ValueError as e:  # a truncated or missing state tensor
+                    self._fail(r, SessionCorrupt(f"session {r.session_id!r}: {e}"))
+                    continue
                 r.base = rec
-                r.states = states_from_bytes(self.model.contract, rec.states)
                 admitted.append(r)
         return admitted
 
@@ -276,7 +285,9 @@ class Scheduler:
         except StoreUnavailable as e:
             self._fail(r, e)
             return
-        if rec is None or rec.last_digest != r.digest or not rec.last_reply:
+        if isinstance(rec, SessionCorrupt):
+            self._fail(r, rec)
+        elif rec is None or rec.last_digest != r.digest or not rec.last_reply:
             self._fail(r, StepConflict("the session changed while replaying", current_step=rec.step if rec else None))
         else:
             self._resolve(r, StepReply(r.session_id, rec.step, unpack_arrays(rec.last_reply), replay=True))

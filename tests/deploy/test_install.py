@@ -25,13 +25,14 @@ SERVE_PATH = textwrap.dedent(
     from service.cli import build_parser
     build_parser().parse_args(["serve"])
     from service.app import create_app
+    from service.api.state import app_state
     from service.config import Settings
     import service.serve, service.api.http, service.api.ws, service.client
     app = create_app(Settings(redis_url=sys.argv[1]))
 
     async def main() -> None:
         async with app.router.lifespan_context(app):
-            assert app.state.ready
+            assert app_state(app).ready
 
     asyncio.run(main())
     print(sorted({m.split(".")[0] for m in sys.modules} & set(sys.argv[2:])))

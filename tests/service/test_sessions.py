@@ -21,9 +21,18 @@ from service.errors import (
     SessionExists,
     SessionNotFound,
     TooManySessions,
+    Unavailable,
 )
-from service.sessions import SessionService
+from service.sessions import (
+    SessionService,
+    StepCall,
+    checked_step,
+    is_session_id,
+    new_session_id,
+    parse_step,
+)
 from tests.engines import assert_matches_offline, exported_state, running_engine
+from tests.redis_fixture import RedisServer
 
 
 def npz(**arrays: Any) -> bytes:
@@ -237,25 +246,100 @@ async def test_embedded_redis_persists_across_engine_restarts(
 ) -> None:
     """No Redis URL: a real embedded Redis under the data dir, AOF on, same code path."""
     from service.config import Settings
+    from service.store.embedded import redis_or_embedded
     from service.store.store import SessionStore
 
     model = loaded["gru_stacked"]
     x = random_inputs(model.contract, 6, np.random.default_rng(2))
-    store = await SessionStore.connect(None, data_dir=tmp_path / "data")
-    service = SessionService(Settings(data_dir=tmp_path / "data"), store, {"gru": model})
-    await service.start()
-    sid = (await service.create()).session_id
-    reply = await service.step(sid, x)
-    await service.stop()
-    await store.close()
-
-    store = await SessionStore.connect(None, data_dir=tmp_path / "data")
-    service = SessionService(Settings(data_dir=tmp_path / "data"), store, {"gru": model})
-    await service.start()
-    try:
-        state = await exported_state(service, sid)
-        assert int(state["carryover_step"]) == 6
-        assert_matches_offline(model, x, reply.outputs, {"h0": state["h0"]})
-    finally:
+    async with redis_or_embedded(None, tmp_path / "data") as url:
+        store = await SessionStore.connect(url)
+        service = SessionService(Settings(data_dir=tmp_path / "data"), store, {"gru": model})
+        await service.start()
+        sid = (await service.create()).session_id
+        reply = await service.step(sid, x)
         await service.stop()
         await store.close()
+
+    async with redis_or_embedded(None, tmp_path / "data") as url:
+        store = await SessionStore.connect(url)
+        service = SessionService(Settings(data_dir=tmp_path / "data"), store, {"gru": model})
+        await service.start()
+        try:
+            state = await exported_state(service, sid)
+            assert int(state["carryover_step"]) == 6
+            assert_matches_offline(model, x, reply.outputs, {"h0": state["h0"]})
+        finally:
+            await service.stop()
+            await store.close()
+
+
+# -- the contract every transport calls ---------------------------------------------------------
+def test_parse_step_is_the_one_envelope_parser() -> None:
+    assert parse_step({"inputs": {"x": [[1]]}}) == StepCall({"x": [[1]]}, None)
+    assert parse_step({"inputs": {"x": [[1]]}, "step": 3}) == StepCall({"x": [[1]]}, 3)
+    assert parse_step({"inputs": {}, "id": 1}, transport_fields=frozenset({"id"})).inputs == {}
+    for body, words in [
+        ([1], "JSON object"),
+        ({"step": 0}, "'inputs'"),
+        ({"inputs": [[1]]}, "'inputs'"),
+        ({"inputs": {}, "id": 1}, "'id'"),
+        ({"inputs": {}, "steps": 1}, "'steps'"),
+        ({"inputs": {}, "step": True}, "'step'"),
+        ({"inputs": {}, "step": -1}, "'step'"),
+        ({"inputs": {}, "step": 1.0}, "'step'"),
+        ({"inputs": {}, "step": "1"}, "'step'"),
+    ]:
+        with pytest.raises(InvalidInput, match=re.escape(words)):
+            parse_step(body)
+
+
+def test_step_is_strict_everywhere() -> None:
+    assert checked_step(None) is None and checked_step(0) == 0
+    for bad in (True, False, -1, 2.0, "3"):
+        with pytest.raises(InvalidInput, match="'step' must be a non-negative integer"):
+            checked_step(bad)
+        with pytest.raises(InvalidInput):
+            StepCall({}, bad)  # type: ignore[arg-type]
+
+
+def test_generated_ids_follow_the_one_session_id_rule() -> None:
+    ids = {new_session_id() for _ in range(2000)}
+    assert len(ids) == 2000 and all(is_session_id(i) and len(i) == 22 for i in ids)
+    assert not any(is_session_id(bad) for bad in ("", "-x", "_x", "a/b", "x" * 129, "sp ace", "a:b", None))
+
+
+async def test_a_path_id_that_breaks_the_rule_is_simply_not_found(engine: SessionService) -> None:
+    for bad in ("-x", "a b", "x" * 129, "alice:robot"):
+        for call in (
+            engine.get(bad),
+            engine.reset(bad),
+            engine.delete(bad),
+            engine.export_state(bad),
+            engine.step(bad, {"x": np.ones((1, 4), np.float32)}),
+            engine.create(fork_from=bad),
+        ):
+            with pytest.raises(SessionNotFound):
+                await call
+
+
+async def test_a_step_routes_then_the_scheduler_checks_the_owner(engine: SessionService) -> None:
+    """Two models: routing reads the record's model; the owner is checked on the batch's read."""
+    await engine.create(session_id="shared-name", owner="alice")
+    with pytest.raises(SessionNotFound):
+        await engine.step("shared-name", {"x": np.ones((1, 4), np.float32)}, owner="bob")
+    reply = await engine.apply("shared-name", StepCall({"x": np.ones((2, 4), np.float32)}, 0), owner="alice")
+    assert (reply.session_id, reply.step) == ("shared-name", 2)
+
+
+async def test_ping_is_readiness(engine: SessionService, tmp_path: Path, loaded: dict[str, RecurrentModel]) -> None:
+    await engine.ping()
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    try:
+        async with running_engine(redis.url, {"gru": loaded["gru_stacked"]}, redis_timeout_s=0.5) as other:
+            await other.ping()
+            redis.stop(kill=True)
+            with pytest.raises(Unavailable, match="does not answer"):
+                await other.ping()
+    finally:
+        redis.stop(kill=True)

@@ -19,6 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from model_export.verify import random_inputs
+from service.api.state import app_state
 from service.engine.model import RecurrentModel
 from tests.engines import assert_matches_offline, offline
 from tests.live_server import API_MODELS, LiveServer, live_server
@@ -546,7 +547,7 @@ async def test_unexpected_error_is_a_logged_500(
     def boom() -> None:
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(api_server.app.state.sessions, "describe_models", boom)
+    monkeypatch.setattr(app_state(api_server.app).session_service(), "describe_models", boom)
     with caplog.at_level(logging.ERROR, logger="service.api.middleware"):
         r = await client.get("/v1/models")
     body = assert_problem(r, 500, "internal", r.headers["x-request-id"])

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
-import struct
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,11 +17,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from model_export.verify import random_inputs
-from service.api.ws import REPLY_HEADER, Chunk, close_all, decode_binary, encode_result, parse_text
-from service.engine.contract import DataTensor, ModelContract
+from service.api.state import app_state
+from service.api.ws_protocol import REPLY_HEADER
 from service.engine.model import RecurrentModel
-from service.engine.scheduler import StepReply
-from service.errors import InvalidInput
 from tests.engines import assert_matches_offline
 from tests.live_server import API_MODELS, LiveServer, live_server
 from tests.redis_fixture import RedisServer
@@ -119,56 +115,6 @@ def split(array: np.ndarray, rng: np.random.Generator, max_chunks: int) -> list[
 async def http(api_server: LiveServer) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=api_server.url, timeout=TIMEOUT_S) as client:
         yield client
-
-
-# -- framing, without a server ---------------------------------------------------------------------------
-def contract(*inputs: DataTensor) -> ModelContract:
-    y = DataTensor("y", np.dtype(np.float32), (2, 3))
-    return ModelContract(form="sequence", kind="features", inputs=inputs, outputs=(y,), states=())
-
-
-def test_binary_frames_decode_float32_rows_and_int32_tokens() -> None:
-    features = contract(DataTensor("x", np.dtype(np.float32), (2, 2)))
-    rows = np.arange(12, dtype="<f4")
-    chunk = decode_binary(features, rows.tobytes())
-    assert chunk.binary and chunk.inputs["x"].shape == (3, 2, 2)
-    np.testing.assert_array_equal(chunk.inputs["x"].ravel(), rows)
-
-    tokens = contract(DataTensor("tokens", np.dtype(np.int64), ()))
-    ids = decode_binary(tokens, np.array([3, 0, 7], "<i4").tobytes()).inputs["tokens"]
-    assert ids.dtype == np.int64 and ids.tolist() == [3, 0, 7]
-
-    with pytest.raises(InvalidInput, match="not a whole number of timesteps"):
-        decode_binary(features, b"\0" * 20)
-    with pytest.raises(InvalidInput, match="empty"):
-        decode_binary(features, b"")
-
-
-def test_binary_frames_need_a_single_input_model() -> None:
-    """The served test models all have one input, so this path is checked on a contract alone: a
-    two-input model over the wire would need an extra ONNX export only for this error message."""
-    two = contract(DataTensor("x", np.dtype(np.float32), (4,)), DataTensor("z", np.dtype(np.float32), (1,)))
-    with pytest.raises(InvalidInput, match=r"one input; this model takes \['x', 'z'\]: send JSON"):
-        decode_binary(two, np.zeros(5, "<f4").tobytes())
-
-
-def test_binary_reply_is_a_step_header_then_float32() -> None:
-    features = contract(DataTensor("x", np.dtype(np.float32), (4,)))
-    y = np.arange(12, dtype=np.float32).reshape(2, 2, 3)
-    frame = encode_result(Chunk({}, binary=True), StepReply("s", 7, {"y": y}), features)
-    assert isinstance(frame, bytes)
-    assert struct.unpack_from("<qII", frame) == (7, 2, 6) and len(frame) == 16 + 12 * 4
-    np.testing.assert_array_equal(np.frombuffer(frame, "<f4", offset=16), y.ravel())
-    text = encode_result(Chunk({}, id="a"), StepReply("s", 7, {"y": y}), features)
-    assert isinstance(text, str)
-    assert json.loads(text) == {"type": "result", "step": 7, "outputs": {"y": y.tolist()}, "replay": False, "id": "a"}
-
-
-def test_text_envelope_is_checked_before_the_model() -> None:
-    assert parse_text('{"inputs": {"x": [[1]]}, "step": 3, "id": 9}') == Chunk({"x": [[1]]}, 3, 9)
-    for bad in ("{", "[]", '{"step": 1}', '{"inputs": {}, "step": true}', '{"inputs": {}, "id": [1]}'):
-        with pytest.raises(InvalidInput):
-            parse_text(bad)
 
 
 # -- streaming against the live server ----------------------------------------------------------------
@@ -420,12 +366,12 @@ async def test_shutdown_answers_in_flight_chunks_then_closes_1012(
 ) -> None:
     with live_server(redis_server.url, {"gru": loaded["gru_stacked"]}) as server:
         async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT_S) as http:
-            # close_all (the app's shutdown hook): what was read is answered, in order, then 1012.
+            # close_streams (the app drain's second half): what was read is answered, in order, then 1012.
             ws, hello = await open_stream(server, "/v1/stream")
             for _ in range(6):
                 await ws.send(chunk_frame("x", np.ones((2, 4), np.float32), binary=False))
             steps = [(await recv_json(ws))["step"]]
-            await on_server_loop(server, close_all(server.app))
+            await on_server_loop(server, app_state(server.app).close_streams())
             with pytest.raises(ConnectionClosed) as closed:
                 while True:
                     steps.append((await recv_json(ws))["step"])

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import itertools
-import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -20,7 +18,7 @@ _ids = itertools.count()
 
 @pytest.fixture
 async def store(redis_url: str) -> AsyncIterator[SessionStore]:
-    s = await SessionStore.connect(redis_url, data_dir=Path(tempfile.mkdtemp(prefix="carryover-cas-")))
+    s = await SessionStore.connect(redis_url)
     try:
         yield s
     finally:

@@ -1,13 +1,10 @@
-"""SessionStore and EmbeddedRedis against real redis-server processes (DESIGN §2)."""
+"""SessionStore against real redis-server processes (DESIGN §2)."""
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import secrets
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -17,9 +14,7 @@ import orjson
 import pytest
 import redis
 
-from service.errors import EmbeddedRedisError, StoreUnavailable
-from service.store import embedded as er
-from service.store.embedded import EmbeddedRedis
+from service.errors import SessionCorrupt, StoreUnavailable
 from service.store.store import SessionRecord, SessionStore, WriteOutcome, session_key
 from tests.redis_fixture import RedisServer
 
@@ -81,8 +76,8 @@ def assert_whole(rec: SessionRecord, steps: int = 3) -> None:
 
 
 @pytest.fixture
-async def store(redis_url: str, tmp_path: Path) -> AsyncIterator[SessionStore]:
-    s = await SessionStore.connect(redis_url, data_dir=tmp_path)
+async def store(redis_url: str) -> AsyncIterator[SessionStore]:
+    s = await SessionStore.connect(redis_url)
     yield s
     await s.close()
 
@@ -228,9 +223,9 @@ async def test_a_resent_write_is_recognised_by_its_token(store: SessionStore, mo
     assert not await store.create(rec)
 
 
-async def test_two_stores_racing_on_one_revision(redis_url: str, tmp_path: Path) -> None:
-    a = await SessionStore.connect(redis_url, data_dir=tmp_path)
-    b = await SessionStore.connect(redis_url, data_dir=tmp_path)
+async def test_two_stores_racing_on_one_revision(redis_url: str) -> None:
+    a = await SessionStore.connect(redis_url)
+    b = await SessionStore.connect(redis_url)
     try:
         await a.create(record("race"))
         for _ in range(100):
@@ -279,11 +274,37 @@ async def test_scripts_are_reloaded_after_script_flush(store: SessionStore, raw:
     assert store.round_trips == before + 1 and got is not None and got.revision == 2
 
 
-async def test_bad_url_and_bad_ttl(store: SessionStore, tmp_path: Path) -> None:
+async def test_bad_url_and_bad_ttl(store: SessionStore) -> None:
     with pytest.raises(ValueError, match="redis://"):
-        await SessionStore.connect("http://localhost:6379", data_dir=tmp_path)
+        await SessionStore.connect("http://localhost:6379")
     with pytest.raises(ValueError, match="ttl_s"):
         await store.create(record("x", ttl_s=0))
+
+
+async def test_a_corrupt_record_is_returned_in_its_place(store: SessionStore, raw: redis.Redis) -> None:
+    """Garbage under one key fails that key only: the batch loads in one round trip, the others whole."""
+    for sid in ("ok1", "text", "nofield", "gap", "ok2"):
+        assert await store.create(record(sid))
+    raw.delete(session_key("text"))
+    raw.set(session_key("text"), b"\x00\xff garbage")  # another Redis type: no WRONGTYPE for the batch
+    raw.hdel(session_key("nofield"), "meta")
+    raw.hdel(session_key("gap"), "s0")  # s1 left
+    before = store.round_trips
+    got = await store.load(["ok1", "text", "nofield", "gap", "ok2", "absent"], with_reply=True)
+    assert store.round_trips == before + 1
+    assert isinstance(got[0], SessionRecord) and isinstance(got[4], SessionRecord) and got[5] is None
+    assert all(isinstance(r, SessionCorrupt) and r.code == "session_corrupt" for r in got[1:4])
+    assert "holds a Redis string" in str(got[1])
+
+    assert not await store.create(record("text"))  # taken, whatever it holds
+    ok1 = got[0]
+    assert isinstance(ok1, SessionRecord)
+    writes = [(advanced(ok1), ok1.revision), (advanced(record("text")), 1), (advanced(record("gone")), 1)]
+    assert await store.save(writes) == [WriteOutcome.OK, WriteOutcome.CONFLICT, WriteOutcome.MISSING]
+    assert raw.get(session_key("text")) == b"\x00\xff garbage"  # a conflict writes nothing
+    for sid in ("text", "nofield", "gap"):
+        assert await store.delete(sid)
+    assert await store.load(["text", "nofield", "gap"]) == [None] * 3
 
 
 # -- outages ------------------------------------------------------------------------------------
@@ -293,7 +314,7 @@ async def test_crash_outage_and_recovery_on_the_same_store(tmp_path: Path) -> No
     server = RedisServer(tmp_path / "crash", appendonly=True)
     server.start()
     try:
-        s = await SessionStore.connect(server.url, data_dir=tmp_path, socket_timeout_s=1.0)
+        s = await SessionStore.connect(server.url, socket_timeout_s=1.0)
         ids = [f"k{i}" for i in range(20)]
         for sid in ids:
             await s.create(record(sid))
@@ -346,7 +367,7 @@ async def test_hung_redis_times_out_as_unavailable(tmp_path: Path) -> None:
     server = RedisServer(tmp_path / "hung")
     server.start()
     try:
-        s = await SessionStore.connect(server.url, data_dir=tmp_path, socket_timeout_s=0.3)
+        s = await SessionStore.connect(server.url, socket_timeout_s=0.3)
         await s.create(record("h"))
         server.pause()
         try:
@@ -370,122 +391,11 @@ async def test_hung_redis_times_out_as_unavailable(tmp_path: Path) -> None:
 async def test_connect_to_a_dead_url_is_unavailable(tmp_path: Path) -> None:
     server = RedisServer(tmp_path / "never")  # never started: nothing listens on its port
     with pytest.raises(StoreUnavailable):
-        await SessionStore.connect(server.url, data_dir=tmp_path, socket_timeout_s=0.5)
+        await SessionStore.connect(server.url, socket_timeout_s=0.5)
 
 
-# -- embedded Redis -----------------------------------------------------------------------------
-
-
-async def test_embedded_redis_persists_across_restarts(tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
-    s = await SessionStore.connect(None, data_dir=data_dir)
-    assert s.embedded is not None and s.embedded.url == f"unix://{data_dir / 'redis.sock'}"
-    pid = s.embedded.pid
-    assert pid is not None
-    rec = record("persist")
-    await s.create(rec)
-    assert await s.save([(advanced(rec), 1)]) == [WriteOutcome.OK]
-    await s.close()
-    assert gone(pid)
-    assert not (data_dir / "redis.sock").exists()
-
-    s = await SessionStore.connect(None, data_dir=data_dir)
-    try:
-        [got] = await s.load(["persist"], with_reply=True)
-        assert got is not None and got.revision == 2 and got.states == consistent_states(2)
-    finally:
-        await s.close()
-
-
-async def test_embedded_redis_with_a_long_data_dir(tmp_path: Path) -> None:
-    data_dir = tmp_path.joinpath(*["a-rather-long-directory-name"] * 5)
-    assert len(str(data_dir / "redis.sock")) > 108
-    s = await SessionStore.connect(None, data_dir=data_dir)
-    assert s.embedded is not None
-    socket_path = s.embedded.socket_path
-    assert len(socket_path) <= er.MAX_SOCKET_PATH
-    await s.create(record("long"))
-    assert await s.count() == 1
-    await s.close()
-    assert not os.path.exists(os.path.dirname(socket_path))  # the private socket dir is removed
-    assert (data_dir / "appendonlydir").is_dir() or (data_dir / "appendonly.aof").is_file()
-
-
-async def test_embedded_redis_refuses_a_data_dir_in_use(tmp_path: Path) -> None:
-    first = EmbeddedRedis(tmp_path)
-    await asyncio.to_thread(first.start)
-    try:
-        with pytest.raises(EmbeddedRedisError, match="in use"):
-            await asyncio.to_thread(EmbeddedRedis(tmp_path).start)
-        assert first.running
-        with redis.Redis(unix_socket_path=first.socket_path) as c:
-            assert c.ping()
-    finally:
-        first.stop()
-    assert not first.running
-
-
-async def test_embedded_redis_stops_an_orphan_of_a_dead_service(tmp_path: Path) -> None:
-    """A service killed hard leaves its redis-server running; the next start shuts it down
-    cleanly (its data kept) instead of running two servers on one AOF."""
-    code = (
-        "import os, sys, redis; from pathlib import Path;"
-        "from service.store.embedded import EmbeddedRedis;"
-        "e = EmbeddedRedis(Path(sys.argv[1])); e.start();"
-        "redis.Redis(unix_socket_path=e.socket_path).set('left', 'behind');"
-        "print(e.pid, flush=True); os._exit(0)"
-    )
-    out = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-c", code, str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    orphan = int(out.stdout.strip())
-    assert not gone(orphan)
-    e = EmbeddedRedis(tmp_path)
-    await asyncio.to_thread(e.start)
-    try:
-        assert gone(orphan)
-        with redis.Redis(unix_socket_path=e.socket_path) as c:
-            assert c.get("left") == b"behind"
-    finally:
-        e.stop()
-
-
-async def test_embedded_redis_start_failure_shows_the_log(tmp_path: Path) -> None:
-    fake = tmp_path / "redis-server"
-    fake.write_text("#!/bin/sh\necho 'FATAL: something is wrong with the config' >&2\nexit 1\n")
-    fake.chmod(0o755)
-    with pytest.raises(EmbeddedRedisError, match="something is wrong"):
-        await asyncio.to_thread(EmbeddedRedis(tmp_path / "d", executable=str(fake)).start)
-    # The lock was released: a real start on the same directory works.
-    e = EmbeddedRedis(tmp_path / "d")
-    await asyncio.to_thread(e.start)
-    e.stop()
-
-
-async def test_no_redis_server_anywhere_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PATH", "")
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(EmbeddedRedisError, match=r"install redis-server .* or set a Redis URL"):
-        er.find_redis_server()
-
-
-async def test_embedded_redis_refuses_a_newer_aof_with_an_old_binary(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    (tmp_path / "appendonlydir").mkdir()
-    monkeypatch.setattr(er, "server_version", lambda exe: (6, 2, 14))
-    with pytest.raises(EmbeddedRedisError, match=r"older than 7\.0"):
-        EmbeddedRedis(tmp_path).start()
-
-
-async def test_callers_beyond_the_connection_limit_wait_instead_of_failing(redis_url: str, tmp_path: Path) -> None:
-    s = await SessionStore.connect(redis_url, data_dir=tmp_path, max_connections=3)
+async def test_callers_beyond_the_connection_limit_wait_instead_of_failing(redis_url: str) -> None:
+    s = await SessionStore.connect(redis_url, max_connections=3)
     try:
         assert await s.create(record("busy"))
         results = await asyncio.gather(*(s.load(["busy"]) for _ in range(60)))

@@ -6,7 +6,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,8 @@ import redis
 from model_export.verify import random_inputs
 from service.engine.model import RecurrentModel
 from service.errors import StoreUnavailable
-from service.store.store import _SCRIPTS, SessionStore, WriteOutcome, session_key
+from service.store.scripts import SCRIPTS
+from service.store.store import SessionStore, WriteOutcome, session_key
 from tests.engines import assert_matches_offline, exported_state, running_engine
 from tests.redis_cluster_fixture import RedisClusterServers, running_cluster
 from tests.redis_fixture import RedisServer
@@ -41,8 +41,8 @@ def cluster_url(redis_cluster: RedisClusterServers) -> str:
 
 
 @pytest.fixture
-async def store(cluster_url: str, tmp_path: Path) -> AsyncIterator[SessionStore]:
-    s = await SessionStore.connect(cluster_url, data_dir=tmp_path)
+async def store(cluster_url: str) -> AsyncIterator[SessionStore]:
+    s = await SessionStore.connect(cluster_url)
     yield s
     await s.close()
 
@@ -72,28 +72,26 @@ def ports_of(cluster: RedisClusterServers, ids: list[str]) -> dict[str, int]:
 async def test_any_node_url_is_recognised_as_a_cluster(
     redis_cluster: RedisClusterServers,
     redis_url: str,
-    tmp_path: Path,
 ) -> None:
     for node in redis_cluster.nodes:
-        s = await SessionStore.connect(node.url, data_dir=tmp_path)
+        s = await SessionStore.connect(node.url)
         try:
             assert s.cluster
             await s.ping()
         finally:
             await s.close()
-    single = await SessionStore.connect(redis_url, data_dir=tmp_path)
+    single = await SessionStore.connect(redis_url)
     try:
         assert not single.cluster
     finally:
         await single.close()
     with pytest.raises(ValueError, match="cluster"):  # a cluster has only database 0
-        await SessionStore.connect(f"redis://127.0.0.1:{redis_cluster.nodes[0].port}/1", data_dir=tmp_path)
+        await SessionStore.connect(f"redis://127.0.0.1:{redis_cluster.nodes[0].port}/1")
 
 
 async def test_detection_without_info(
     redis_cluster: RedisClusterServers,
     redis_server: RedisServer,
-    tmp_path: Path,
 ) -> None:
     """A user that may not run INFO: CLUSTER INFO decides (a single Redis refuses it)."""
     servers = [*redis_cluster.nodes, redis_server]
@@ -105,7 +103,7 @@ async def test_detection_without_info(
             url = f"redis://noinfo@127.0.0.1:{server.port}/0"
             with redis.Redis.from_url(url) as c, pytest.raises(redis.exceptions.NoPermissionError):
                 c.info("cluster")
-            s = await SessionStore.connect(url, data_dir=tmp_path)
+            s = await SessionStore.connect(url)
             try:
                 assert s.cluster is is_cluster
                 assert await s.create(record("acl")) and await s.load(["acl"]) != [None]
@@ -170,10 +168,9 @@ async def test_cas_conflict_and_missing(store: SessionStore) -> None:
 async def test_two_stores_on_different_nodes_racing(
     redis_cluster: RedisClusterServers,
     cluster_url: str,
-    tmp_path: Path,
 ) -> None:
-    a = await SessionStore.connect(redis_cluster.nodes[0].url, data_dir=tmp_path)
-    b = await SessionStore.connect(redis_cluster.nodes[2].url, data_dir=tmp_path)
+    a = await SessionStore.connect(redis_cluster.nodes[0].url)
+    b = await SessionStore.connect(redis_cluster.nodes[2].url)
     try:
         ids = IDS[:12]
         for sid in ids:
@@ -218,7 +215,7 @@ async def test_scripts_are_reloaded_on_every_primary(store: SessionStore, redis_
         out = []
         for node in redis_cluster.nodes:
             with node.client() as c:
-                out.append(c.script_exists(*(s.sha for s in _SCRIPTS.values())))
+                out.append(c.script_exists(*(s.sha for s in SCRIPTS.values())))
         return out
 
     ids = IDS[:30]
@@ -249,9 +246,9 @@ async def test_scripts_are_reloaded_on_every_primary(store: SessionStore, redis_
     assert store.round_trips == before + 1
 
 
-async def test_callers_beyond_the_connection_limit_wait_instead_of_failing(cluster_url: str, tmp_path: Path) -> None:
+async def test_callers_beyond_the_connection_limit_wait_instead_of_failing(cluster_url: str) -> None:
     """redis-py's cluster pools raise when a node's connections are all busy; the store queues instead."""
-    s = await SessionStore.connect(cluster_url, data_dir=tmp_path, max_connections=2)
+    s = await SessionStore.connect(cluster_url, max_connections=2)
     try:
         for sid in IDS[:9]:
             assert await s.create(record(sid))
@@ -266,9 +263,9 @@ async def test_callers_beyond_the_connection_limit_wait_instead_of_failing(clust
 # -- resharding and outages (a private cluster) -------------------------------------------------
 
 
-async def test_a_slot_moved_to_another_node_is_followed(disturbed: RedisClusterServers, tmp_path: Path) -> None:
+async def test_a_slot_moved_to_another_node_is_followed(disturbed: RedisClusterServers) -> None:
     disturbed.flushall()
-    s = await SessionStore.connect(disturbed.url, data_dir=tmp_path, socket_timeout_s=1.0)
+    s = await SessionStore.connect(disturbed.url, socket_timeout_s=1.0)
     try:
         recs = [record(sid) for sid in IDS[:20]]
         for r in recs:
@@ -295,11 +292,9 @@ async def test_a_slot_moved_to_another_node_is_followed(disturbed: RedisClusterS
         await s.close()
 
 
-async def test_cluster_down_and_a_crashed_node_are_unavailable_then_recover(
-    disturbed: RedisClusterServers, tmp_path: Path
-) -> None:
+async def test_cluster_down_and_a_crashed_node_are_unavailable_then_recover(disturbed: RedisClusterServers) -> None:
     disturbed.flushall()
-    s = await SessionStore.connect(disturbed.nodes[0].url, data_dir=tmp_path, socket_timeout_s=0.5)
+    s = await SessionStore.connect(disturbed.nodes[0].url, socket_timeout_s=0.5)
     try:
         ids = IDS[:30]
         for sid in ids:

@@ -1,0 +1,122 @@
+"""A session's record and its Redis encoding (DESIGN §2).
+
+Layout: key ``carryover:{<session_id>}:s`` (the hash tag keeps a session's keys in one cluster
+slot), one hash whose fields are ``revision`` and ``ttl_s`` (read by the scripts), ``meta`` (one
+JSON object with the other scalar fields), ``last_reply``, the state tensors as raw bytes in
+fields ``s0``, ``s1``, … in declared order, and ``w``, a random token naming the write that
+produced it (see ``scripts.SAVE``).
+
+A key that does not hold a well-formed record (garbage, another program's data, a field missing,
+a gap in the state fields) decodes to a ``SessionCorrupt`` error value, never an exception: it
+fails only that session's requests, not the batch it was loaded with.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, fields
+
+import orjson
+
+from service.errors import SessionCorrupt
+
+KEY_PREFIX = "carryover:{"
+KEY_SUFFIX = "}:s"
+KEY_PATTERN = f"{KEY_PREFIX}*{KEY_SUFFIX}"  # SCAN MATCH for every session key
+
+
+def session_key(session_id: str) -> str:
+    """The Redis key of a session's record."""
+    return f"{KEY_PREFIX}{session_id}{KEY_SUFFIX}"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    session_id: str  # the stored id (already namespaced by the caller)
+    model: str  # model name
+    fingerprint: str  # model fingerprint (hex)
+    step: int  # timesteps consumed
+    revision: int  # CAS counter, +1 on every successful write; starts at 1 on create
+    states: tuple[bytes, ...]  # raw little-endian state tensors, declared order
+    owner: str  # hash of the creating API key, "" if none
+    created_at: float  # unix seconds
+    updated_at: float
+    ttl_s: int  # this session's TTL in seconds
+    last_digest: str = ""  # digest of the last applied request (idempotent replay)
+    last_reply: bytes = b""  # opaque serialized outputs of the last applied request
+    expires_in: float | None = None  # filled on reads from PTTL, seconds
+
+
+class WriteOutcome(enum.Enum):
+    OK = "ok"
+    CONFLICT = "conflict"
+    MISSING = "missing"
+
+
+# What ``SessionStore.load`` gives per key: the record, None (no such key) or the decode error.
+Loaded = SessionRecord | SessionCorrupt | None
+
+# Fields the Lua scripts read stay separate (``revision`` for the CAS, ``ttl_s`` for the TTL
+# refresh, ``last_reply`` to leave out of batch loads); the rest travel as one JSON ``meta``
+# field, because redis-py packs every command argument in Python and a batch write has
+# max_batch_size commands: fewer arguments per record is measurably faster (bench/engine.py).
+_META = ("session_id", "model", "fingerprint", "step", "owner", "created_at", "updated_at", "last_digest")
+assert {*_META, "revision", "ttl_s", "states", "last_reply", "expires_in"} == {f.name for f in fields(SessionRecord)}, (
+    "every SessionRecord field must be stored"
+)
+
+
+def check(record: SessionRecord) -> None:
+    """Refuse a record that must not be written (a non-positive TTL would never expire it)."""
+    if record.ttl_s <= 0:
+        raise ValueError(f"session {record.session_id!r}: ttl_s must be positive, not {record.ttl_s}")
+
+
+def encode(record: SessionRecord) -> list[bytes | str]:
+    """Flat field/value list for HSET (without the write token ``w``, which the script adds)."""
+    meta = orjson.dumps({name: getattr(record, name) for name in _META})
+    flat: list[bytes | str] = [
+        "revision",
+        str(int(record.revision)),
+        "ttl_s",
+        str(int(record.ttl_s)),
+        "meta",
+        meta,
+        "last_reply",
+        record.last_reply,
+    ]
+    for i, state in enumerate(record.states):
+        flat += (f"s{i}", bytes(state))
+    return flat
+
+
+def decode(key: str, reply: object) -> SessionRecord | SessionCorrupt | None:
+    """A ``scripts.LOAD`` reply: None (no key), the record, or ``SessionCorrupt`` (returned, not raised)."""
+    if reply is None:
+        return None
+    if isinstance(reply, bytes):  # the script found another Redis type under the key
+        return SessionCorrupt(f"{key} holds a Redis {reply.decode(errors='replace')}, not a session record")
+    if not (isinstance(reply, list) and len(reply) == 2):
+        return SessionCorrupt(f"{key}: unexpected reply from the load script: {reply!r:.80}")
+    flat, pttl_ms = reply
+    try:
+        h = dict(zip(flat[::2], flat[1::2], strict=True))
+        n = sum(1 for k in h if k[:1] == b"s" and k[1:].isdigit())
+        meta = orjson.loads(h[b"meta"])
+        return SessionRecord(
+            session_id=str(meta["session_id"]),
+            model=str(meta["model"]),
+            fingerprint=str(meta["fingerprint"]),
+            step=int(meta["step"]),
+            revision=int(h[b"revision"]),
+            states=tuple(h[b"s%d" % i] for i in range(n)),  # KeyError on a gap: a state went missing
+            owner=str(meta["owner"]),
+            created_at=float(meta["created_at"]),
+            updated_at=float(meta["updated_at"]),
+            ttl_s=int(h[b"ttl_s"]),
+            last_digest=str(meta["last_digest"]),
+            last_reply=bytes(h[b"last_reply"]),
+            expires_in=int(pttl_ms) / 1000 if int(pttl_ms) >= 0 else None,
+        )
+    except (KeyError, ValueError, TypeError, orjson.JSONDecodeError) as e:
+        return SessionCorrupt(f"{key} does not hold a well-formed session record: {e!r}")
