@@ -31,7 +31,7 @@ TIME_DIM = "T"
 
 
 def contract_metadata(spec: CellSpec, form: Form) -> dict[str, object]:
-    """The ``carryover`` metadata JSON of DESIGN §1 for ``spec`` in ``form``."""
+    """The ``carryover`` metadata JSON of docs/contract.md for ``spec`` in ``form``."""
     meta: dict[str, object] = {
         "version": 1,
         "form": form,

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from model_export.cells import DataSpec
-from model_export.export import Form, export_cell
+from model_export.export import export_cell
 from model_export.keras_layers import (
     ACTIVATIONS,
     ActivationStep,
@@ -38,6 +38,7 @@ from model_export.keras_layers import (
     RecurrentKind,
     RecurrentStep,
 )
+from service.engine.contract import Form
 from service.errors import ModelContractError
 
 RECURRENT = ("SimpleRNN", "GRU", "LSTM")

@@ -1,4 +1,4 @@
-"""Session operations: the one contract every transport calls (DESIGN §2–§4).
+"""Session operations: the one contract every transport calls (docs/architecture.md).
 
 HTTP, WebSocket and ``/v2`` are leaves that depend on this module and on nothing below it: it
 owns the request and reply types (``StepCall``, ``StepReply``, ``SessionInfo``), the one parser
@@ -251,7 +251,7 @@ class SessionService:
     async def step(
         self, session_id: str, inputs: Mapping[str, Any], expected_step: int | None = None, owner: str = ""
     ) -> StepReply:
-        """Apply ``inputs`` (leading T axis) to the session, exactly once (see DESIGN §4)."""
+        """Apply ``inputs`` (leading T axis) to the session, exactly once (see docs/architecture.md)."""
         return await self.apply(session_id, StepCall(inputs, expected_step), owner)
 
     async def apply(self, session_id: str, call: StepCall, owner: str = "") -> StepReply:

@@ -1,4 +1,4 @@
-"""HTTP routes (DESIGN §4): parse → ``SessionService`` → reply, nothing more.
+"""HTTP routes (docs/websocket.md, README): parse → ``SessionService`` → reply, nothing more.
 
 Step bodies are decoded with orjson and parsed by ``service.sessions.parse_step``; replies are
 serialised with orjson straight from numpy (no pydantic on the hot path). The OpenAPI models

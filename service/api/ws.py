@@ -1,4 +1,4 @@
-"""WebSocket streaming (DESIGN §4): one connection streams chunks through one session. The
+"""WebSocket streaming (docs/websocket.md, README): one connection streams chunks through one session. The
 protocol (messages, replies, close codes) is docs/websocket.md; its framing is ``ws_protocol``."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Batch assembly: the mechanics under the scheduler's policy (DESIGN §3).
+"""Batch assembly: the mechanics under the scheduler's policy (docs/architecture.md).
 
 A request's inputs are cut into chunks; the chunks of one batch are padded into ``[B, T, ...]``
 with a ``[B, T]`` mask (True where a row has a real timestep) and the rows' states stacked into

@@ -1,4 +1,4 @@
-"""The recurrent-model contract (DESIGN §1): what a served model takes and returns.
+"""The recurrent-model contract (docs/contract.md): what a served model takes and returns.
 
 Plain data, the parsing of what a model declares (``carryover`` metadata or ``--state`` pairs),
 and ``build_contract``, which checks a declaration against a graph's signature. No ONNX Runtime

@@ -1,4 +1,4 @@
-"""The ragged micro-batcher (DESIGN §3): one per model per process.
+"""The ragged micro-batcher (docs/architecture.md): one per model per process.
 
 It decides *what* runs (the policy); ``batch.py`` pads the chosen rows into one batch and slices
 the result back, ``RecurrentModel`` runs it, and ``SessionStore`` keeps the state.

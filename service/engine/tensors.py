@@ -1,6 +1,6 @@
 """Byte layouts of tensors that go to Redis: session states, and the replay copy of outputs.
 
-States are raw little-endian bytes in the contract's declared order (DESIGN §2): shape and dtype
+States are raw little-endian bytes in the contract's declared order (docs/contract.md §2): shape and dtype
 come from the model, so nothing but the data is stored. The replay copy of a request's outputs
 is a small self-describing frame (a JSON header then raw bytes); nothing is ever unpickled.
 """

@@ -1,4 +1,4 @@
-"""Redis Cluster support (DESIGN §2: "Redis Cluster URLs work"): detection, the cluster client,
+"""Redis Cluster support (docs/contract.md §2: "Redis Cluster URLs work"): detection, the cluster client,
 per-primary script loading and SCAN, and admission.
 
 A cluster is recognised, not configured: the URL's node is asked ``INFO cluster`` (where ``INFO``

@@ -1,4 +1,4 @@
-"""A private ``redis-server`` child process for running without a Redis URL (DESIGN §2).
+"""A private ``redis-server`` child process for running without a Redis URL (docs/contract.md §2).
 
 The service talks to it exactly as to an external Redis (same client, same scripts), over a unix
 socket only (``--port 0``: nothing listens on TCP). Data lives under ``data_dir`` as an

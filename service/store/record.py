@@ -1,4 +1,4 @@
-"""A session's record and its Redis encoding (DESIGN §2).
+"""A session's record and its Redis encoding (docs/contract.md §2).
 
 Layout: key ``carryover:{<session_id>}:s`` (the hash tag keeps a session's keys in one cluster
 slot), one hash whose fields are ``revision`` and ``ttl_s`` (read by the scripts), ``meta`` (one

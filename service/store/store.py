@@ -1,4 +1,4 @@
-"""``SessionStore``: session records in one Redis or a Redis Cluster (DESIGN §2).
+"""``SessionStore``: session records in one Redis or a Redis Cluster (docs/contract.md §2).
 
 Round trips: ``load`` of a whole batch is one pipeline of ``EVALSHA`` (read + TTL refresh), and
 ``save`` of a whole batch is one pipeline of ``EVALSHA`` compare-and-set writes (record layout:

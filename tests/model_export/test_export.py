@@ -1,4 +1,4 @@
-"""The invariant of DESIGN §1 for every exported test model, in both forms (hypothesis)."""
+"""The invariant of docs/contract.md for every exported test model, in both forms (hypothesis)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from model_export.cells import RecurrentNet
-from model_export.export import METADATA_KEY, export_cell
+from model_export.export import export_cell
 from model_export.verify import Batch, Row, compare, random_inputs, run_schedule, unpadded_run
+from service.engine.contract import METADATA_KEY
 from service.engine.model import RecurrentModel
 from tests.conftest import Exported
 
@@ -45,7 +46,7 @@ def schedules(draw: st.DrawFn, lengths: list[int]) -> list[Batch]:
             rows.append(Row(i, positions))
             remaining[i] -= size
         idle = [i for i in range(len(lengths)) if i not in chosen]
-        if idle and draw(st.booleans()):
+        if len(idle) > 0 and draw(st.booleans()):
             rows.append(Row(draw(st.sampled_from(idle)), ()))
         batches.append(Batch(width, tuple(draw(st.permutations(rows)))))
     return batches

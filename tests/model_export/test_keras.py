@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -115,7 +115,8 @@ def test_names_follow_the_keras_model(converted: dict[str, tuple[Any, RecurrentM
 
 
 def _predict(model: Any, x: np.ndarray) -> np.ndarray:
-    return np.asarray(model.predict(x[None], verbose=0))[0]
+    out: np.ndarray = np.asarray(model.predict(x[None], verbose=0))[0]
+    return out
 
 
 @pytest.mark.parametrize(("name", "masked"), [("gru", 0.0), ("lstm", 0)])
@@ -174,10 +175,10 @@ def test_gate_orders_by_weights() -> None:
         step = net._steps[0]
         kernel = numpy(layer.cell.kernel)
         if isinstance(layer, layers.GRU):
-            np.testing.assert_array_equal(step.w_ih.detach().numpy()[:2], kernel[:, 2:4].T)  # r
-            np.testing.assert_array_equal(step.w_ih.detach().numpy()[2:4], kernel[:, :2].T)  # z
+            np.testing.assert_array_equal(cast(torch.Tensor, step.w_ih).detach().numpy()[:2], kernel[:, 2:4].T)  # r
+            np.testing.assert_array_equal(cast(torch.Tensor, step.w_ih).detach().numpy()[2:4], kernel[:, :2].T)  # z
         else:
-            np.testing.assert_array_equal(step.w_ih.detach().numpy(), kernel.T)
+            np.testing.assert_array_equal(cast(torch.Tensor, step.w_ih).detach().numpy(), kernel.T)
 
 
 def test_dense_activations_match_keras() -> None:

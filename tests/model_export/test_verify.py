@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import cast
 
 import onnx
 import pytest
@@ -12,9 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from model_export.cells import gru_step
-from model_export.export import METADATA_KEY, export_cell
+from model_export.export import export_cell
 from model_export.verify import verify_model
 from service.cli import main
+from service.engine.contract import METADATA_KEY
 from service.engine.model import RecurrentModel
 from tests.conftest import Exported
 
@@ -31,7 +33,10 @@ class TracedLoopGRU(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
         h = h0[0]
-        w = (self.rnn.weight_ih_l0, self.rnn.weight_hh_l0, self.rnn.bias_ih_l0, self.rnn.bias_hh_l0)
+        w = cast(
+            tuple[Tensor, Tensor, Tensor, Tensor],
+            (self.rnn.weight_ih_l0, self.rnn.weight_hh_l0, self.rnn.bias_ih_l0, self.rnn.bias_hh_l0),
+        )
         ys = []
         for t in range(x.shape[1]):
             m = mask[:, t].unsqueeze(-1)
@@ -131,7 +136,7 @@ def test_verify_catches_a_module_that_is_not_the_export(exported: dict[str, Expo
     other = lstm()
     with torch.no_grad():
         other.head = None
-        other.rnn.bias_hh_l0.add_(0.5)
+        cast(Tensor, other.rnn.bias_hh_l0).add_(0.5)
     report = verify_model(model, torch_module=other)
     assert not report.ok and report.worst_torch_error is not None and report.worst_torch_error > 1e-3
 
@@ -140,7 +145,7 @@ def test_custom_cell_example_exports_and_verifies(tmp_path: Path) -> None:
     from model_export.examples.leaky_cell import build
 
     for form in ("sequence", "step"):
-        path = export_cell(build(), tmp_path / f"leaky_{form}.onnx", form)  # type: ignore[arg-type]
+        path = export_cell(build(), tmp_path / f"leaky_{form}.onnx", form)
         report = verify_model(RecurrentModel(path), torch_module=build())
         assert report.ok, report.render()
         assert [t.name for t in RecurrentModel(path).contract.outputs] == ["score", "hidden"]

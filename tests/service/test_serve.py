@@ -181,10 +181,10 @@ def test_serve_with_embedded_redis_survives_a_restart(
             "y": np.concatenate(
                 [
                     np.asarray(first["outputs"]["y"]),  # type: ignore[index]
-                    np.asarray(second["outputs"]["y"]),
+                    np.asarray(second["outputs"]["y"]),  # type: ignore[index]
                 ]
             )
-        }  # type: ignore[index]
+        }
         assert_matches_offline(model, {"x": np.concatenate(xs)}, outputs, {"h0": state["h0"]})
     finally:
         assert server.terminate() == 0

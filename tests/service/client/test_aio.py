@@ -67,7 +67,7 @@ async def test_async_info_state_round_trip(api_server: LiveServer, loaded: dict[
         state = await session.state()
         other = await client.create("gru")
         buffer = io.BytesIO()
-        np.savez(buffer, **state)
+        np.savez(buffer, **state)  # type: ignore[arg-type]
         await other.load_state(buffer.getvalue())
         assert other.step_count == 7 and (await other.info())["step"] == 7
         assert_matches_offline(

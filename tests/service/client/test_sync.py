@@ -47,7 +47,7 @@ def test_sync_client_round_trip(api_server: LiveServer, loaded: dict[str, Recurr
         )
         other = client.create("gru")
         buffer = io.BytesIO()
-        np.savez(buffer, **{k: v for k, v in state.items()})
+        np.savez(buffer, **{k: v for k, v in state.items()})  # type: ignore[arg-type]
         other.load_state(buffer.getvalue())
         assert other.step_count == 8
         session.reset()

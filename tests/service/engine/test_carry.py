@@ -75,7 +75,10 @@ def test_masked_rows_keep_their_state_and_output_zeros() -> None:
 
 def test_an_all_masked_step_is_the_identity_on_state() -> None:
     h0 = np.full((2, 2, 3), 0.25, np.float32)
-    got = run(with_step_carry(step_cell(), CONTRACT), {"x": np.ones((2, 3), np.float32), "h0": h0, STEP_MASK: [0, 0]})
+    got = run(
+        with_step_carry(step_cell(), CONTRACT),
+        {"x": np.ones((2, 3), np.float32), "h0": h0, STEP_MASK: np.array([0, 0], bool)},
+    )
     np.testing.assert_array_equal(got["hn"], h0)
 
 
@@ -83,7 +86,9 @@ def test_add_carry_works_on_any_graph_with_its_own_mask_name() -> None:
     """The exporter's use: a graph whose values carry a prefix, with the mask appended last."""
     model = step_cell()
     add_carry(model.graph, "mask_t", [Carried("hn", 3, 1, keep="h0")])  # y left unguarded
-    got = run(model, {"x": np.ones((1, 3), np.float32), "h0": np.zeros((2, 1, 3), np.float32), "mask_t": [False]})
+    got = run(
+        model, {"x": np.ones((1, 3), np.float32), "h0": np.zeros((2, 1, 3), np.float32), "mask_t": np.array([False])}
+    )
     assert not got["hn"].any()
     assert got["y"].any()  # an unguarded output is the cell's own
 

@@ -48,7 +48,7 @@ class Race:
             assert await self.store.delete(key)
         elif self.before == "write" or (self.before == "write-once" and self.writes == 1):
             (current,) = await self.store.load([key])
-            assert current is not None
+            assert isinstance(current, SessionRecord)
             bumped = replace(current, step=current.step + 1, revision=current.revision + 1)
             assert await self.save([(bumped, current.revision)]) == [WriteOutcome.OK]
         return await self.save(writes)
@@ -59,7 +59,7 @@ async def test_rewrite_applies_the_change_and_clears_the_replay(store: SessionSt
     new = await rewrite(store, rec.session_id, "alice", lambda r: replace(r, step=0, states=(b"\0\0",)))
     assert (new.step, new.revision, new.states, new.last_digest, new.last_reply) == (0, 2, (b"\0\0",), "", b"")
     (stored,) = await store.load([rec.session_id], with_reply=True)
-    assert stored is not None
+    assert isinstance(stored, SessionRecord)
     assert (stored.step, stored.revision, stored.last_digest) == (0, 2, "")
     assert stored.expires_in is not None and 590 < stored.expires_in <= 600  # the TTL is renewed
 

@@ -43,7 +43,7 @@ def toy_model(
     if extra_input:
         inputs.append(helper.make_tensor_value_info("temperature", F, [1]))
     nodes = [helper.make_node("Identity", ["x"], ["y"])]
-    hn_type, hn_shape = F, ["B", 3]
+    hn_type, hn_shape = F, list[str | int | None](["B", 3])
     if h_out == "same":
         nodes.append(helper.make_node("Identity", ["h0"], ["hn"]))
     elif h_out == "double":

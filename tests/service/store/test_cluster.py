@@ -1,4 +1,4 @@
-"""SessionStore against a real three-primary Redis Cluster (DESIGN §2: "Redis Cluster URLs work")."""
+"""SessionStore against a real three-primary Redis Cluster (docs/contract.md §2: "Redis Cluster URLs work")."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from model_export.verify import random_inputs
 from service.engine.model import RecurrentModel
 from service.errors import StoreUnavailable
 from service.store.scripts import SCRIPTS
-from service.store.store import SessionStore, WriteOutcome, session_key
+from service.store.store import SessionRecord, SessionStore, WriteOutcome, session_key
 from tests.engines import assert_matches_offline, exported_state, running_engine
 from tests.redis_cluster_fixture import RedisClusterServers, running_cluster
 from tests.redis_fixture import RedisServer
-from tests.service.store.test_store import advanced, assert_whole, consistent_states, record
+from tests.service.store.test_store import advanced, assert_whole, consistent_states, present, record
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -134,17 +134,17 @@ async def test_batches_spread_over_every_node_are_one_round_trip_each(
     assert store.round_trips == before + 1
     assert loaded[-1] is None
     for r, got in zip(recs, loaded, strict=False):
-        assert got is not None and got.expires_in is not None and 599 < got.expires_in <= 600
+        assert isinstance(got, SessionRecord) and got.expires_in is not None and 599 < got.expires_in <= 600
         assert replace(got, expires_in=None) == r
     lean = await store.load(IDS)
-    assert all(r is not None and r.last_reply == b"" and r.last_digest == "d" for r in lean)
+    assert all(isinstance(r, SessionRecord) and r.last_reply == b"" and r.last_digest == "d" for r in lean)
 
     writes = [(advanced(r), r.revision) for r in recs]
     before = store.round_trips
     assert await store.save(writes) == [WriteOutcome.OK] * len(IDS)
     assert store.round_trips == before + 1
     for (w, _), got in zip(writes, await store.load(IDS, with_reply=True), strict=True):
-        assert got is not None and replace(got, expires_in=None) == w
+        assert isinstance(got, SessionRecord) and replace(got, expires_in=None) == w
         assert_whole(got)
 
 
@@ -157,7 +157,8 @@ async def test_cas_conflict_and_missing(store: SessionStore) -> None:
     stale = replace(advanced(rec), step=99, states=(b"stale",))
     assert await store.save([(stale, 1)]) == [WriteOutcome.CONFLICT]
     [got] = await store.load(["cas"], with_reply=True)
-    assert got is not None and replace(got, expires_in=None) == first
+    assert isinstance(got, SessionRecord)
+    assert isinstance(got, SessionRecord) and replace(got, expires_in=None) == first
 
     assert await store.delete("cas") and not await store.delete("cas")
     assert await store.save([(advanced(first), 2)]) == [WriteOutcome.MISSING]
@@ -178,12 +179,14 @@ async def test_two_stores_on_different_nodes_racing(
         assert len(set(ports_of(redis_cluster, ids).values())) == 3
         for _ in range(40):
             current = await a.load(ids)
-            mine = [(advanced(r, 1), r.revision) for r in current if r]
-            theirs = [(replace(advanced(r, 2), last_digest="b"), r.revision) for r in current if r]
+            mine = [(advanced(r, 1), r.revision) for r in present(current)]
+            theirs = [
+                (replace(advanced(r, 2), last_digest="b"), r.revision) for r in current if isinstance(r, SessionRecord)
+            ]
             oa, ob = await asyncio.gather(a.save(mine), b.save(theirs))
             for x, y in zip(oa, ob, strict=True):  # exactly one winner per session per round
                 assert sorted((x.value, y.value)) == ["conflict", "ok"]
-        assert [r.revision if r else 0 for r in await b.load(ids)] == [41] * len(ids)
+        assert [r.revision if isinstance(r, SessionRecord) else 0 for r in await b.load(ids)] == [41] * len(ids)
     finally:
         await a.close()
         await b.close()
@@ -233,16 +236,16 @@ async def test_scripts_are_reloaded_on_every_primary(store: SessionStore, redis_
     before = store.round_trips
     loaded = await store.load(ids)
     assert store.round_trips == before + 5  # refused, SCRIPT LOAD x3 (each on all primaries), re-sent
-    assert all(r is not None and r.revision == 1 for r in loaded)
+    assert all(isinstance(r, SessionRecord) and r.revision == 1 for r in loaded)
 
     with redis_cluster.nodes[1].client() as c:  # only one node forgot them (e.g. it restarted)
         c.script_flush()
-    writes = [(advanced(r), r.revision) for r in loaded if r]
+    writes = [(advanced(r), r.revision) for r in present(loaded)]
     before = store.round_trips
     assert await store.save(writes) == [WriteOutcome.OK] * len(ids)
     assert store.round_trips == before + 5
     before = store.round_trips
-    assert [r.revision if r else 0 for r in await store.load(ids)] == [2] * len(ids)
+    assert [r.revision if isinstance(r, SessionRecord) else 0 for r in await store.load(ids)] == [2] * len(ids)
     assert store.round_trips == before + 1
 
 
@@ -284,8 +287,8 @@ async def test_a_slot_moved_to_another_node_is_followed(disturbed: RedisClusterS
                     c.execute_command("CLUSTER SETSLOT", slot, "NODE", node_id[target.port])
         assert disturbed.node_of(key) is target
         loaded = await s.load(IDS[:20])  # MOVED for one key: redis-py follows it and learns the new owner
-        assert [r.revision if r else 0 for r in loaded] == [1] * 20
-        assert await s.save([(advanced(r), r.revision) for r in loaded if r]) == [WriteOutcome.OK] * 20
+        assert [r.revision if isinstance(r, SessionRecord) else 0 for r in loaded] == [1] * 20
+        assert await s.save([(advanced(r), r.revision) for r in present(loaded)]) == [WriteOutcome.OK] * 20
         with target.client() as c:
             assert c.hget(key, "revision") == b"2"
     finally:
@@ -299,7 +302,7 @@ async def test_cluster_down_and_a_crashed_node_are_unavailable_then_recover(dist
         ids = IDS[:30]
         for sid in ids:
             assert await s.create(record(sid))
-        loaded = [r for r in await s.load(ids) if r]
+        loaded = [r for r in present(await s.load(ids))]
         assert await s.save([(advanced(r), r.revision) for r in loaded]) == [WriteOutcome.OK] * 30
         ports = ports_of(disturbed, ids)
         victim = disturbed.nodes[2]
@@ -336,9 +339,9 @@ async def test_cluster_down_and_a_crashed_node_are_unavailable_then_recover(dist
         victim.start()
         disturbed.wait_ok()
         current = await s.load(ids, with_reply=True)
-        assert [r.revision if r else 0 for r in current] == [2] * 30
-        assert all(r is not None and r.states == consistent_states(2) for r in current)
-        assert await s.save([(advanced(r), r.revision) for r in current if r]) == [WriteOutcome.OK] * 30
+        assert [r.revision if isinstance(r, SessionRecord) else 0 for r in current] == [2] * 30
+        assert all(isinstance(r, SessionRecord) and r.states == consistent_states(2) for r in current)
+        assert await s.save([(advanced(r), r.revision) for r in present(current)]) == [WriteOutcome.OK] * 30
         assert await s.count() == 30
     finally:
         await s.close()

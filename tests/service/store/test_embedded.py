@@ -1,4 +1,4 @@
-"""EmbeddedRedis: a private redis-server under a data directory (DESIGN §2), and the
+"""EmbeddedRedis: a private redis-server under a data directory (docs/contract.md §2), and the
 composition helper ``redis_or_embedded``."""
 
 from __future__ import annotations

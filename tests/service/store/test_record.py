@@ -1,4 +1,4 @@
-"""The record codec, and a corrupt record end to end: only that session's requests fail (DESIGN §2)."""
+"""The record codec, and a corrupt record end to end: only that session's requests fail (docs/contract.md §2)."""
 
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ async def test_a_corrupt_session_fails_alone_in_its_batch(
             loads.append(list(ids))
             return await original(ids, **kwargs)
 
-        engine.store.load = spy  # type: ignore[method-assign]
+        engine.store.load = spy  # type: ignore[method-assign,assignment]
         inputs = {sid: random_inputs(model.contract, 5, rng) for sid in [*good, *bad.values()]}
         results = await asyncio.gather(*(engine.step(sid, x) for sid, x in inputs.items()), return_exceptions=True)
         engine.store.load = original  # type: ignore[method-assign]
