@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 
@@ -41,6 +42,15 @@ def load_models(settings: Settings) -> dict[str, RecurrentModel]:
     }
 
 
+def _store_address(url: str | None) -> str:
+    """Where the store is, for the ready line (never the URL's password). ``carryover serve``
+    passes the embedded Redis to its workers as a ``unix://`` URL."""
+    if url is None:
+        return "embedded Redis"
+    parts = urlsplit(url)
+    return f"Redis at {parts.path}" if parts.scheme == "unix" else f"Redis at {parts.hostname}:{parts.port or 6379}"
+
+
 def create_app(settings: Settings | None = None, *, models: Mapping[str, RecurrentModel] | None = None) -> FastAPI:
     settings = settings or Settings()
     state = AppState(settings, Metrics())
@@ -61,7 +71,7 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, Recurre
             log.info(
                 "carryover ready: models %s, store %s",
                 sorted(served),
-                "embedded Redis" if settings.redis_url is None else "external Redis",
+                _store_address(settings.redis_url),
             )
             try:
                 yield

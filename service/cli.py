@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from service.config import BUNDLED_MODEL
-from service.errors import UnknownSetting
+from service.errors import EmbeddedRedisError, ModelContractError, StartupError, UnknownSetting
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -110,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         # bad configuration: say what is wrong, as argparse does for a bad flag
         print(f"carryover {args.command}: {e}", file=sys.stderr)
         return 2
+    except (StartupError, EmbeddedRedisError, ModelContractError) as e:
+        # cannot start: one line, no traceback (the cause is the user's to fix, not a bug)
+        print(f"carryover {args.command}: {e}", file=sys.stderr)
+        return 1
     return code
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, CliVariadicArg, SettingsConfigDict
@@ -32,6 +33,7 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, description="TCP port")
     workers: int = Field(1, ge=1, description="server processes (each runs its own batcher; state is shared in Redis)")
+    log_format: Literal["text", "json"] = Field("text", description="log lines as text, or JSON for log shippers")
     models: list[str] = Field(
         [f"charlm={BUNDLED_MODEL}"],
         description="NAME=PATH of a served model (repeatable; the first is the default)",

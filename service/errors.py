@@ -115,6 +115,11 @@ class EmbeddedRedisError(RuntimeError):
     """The embedded Redis could not be started (no binary, data dir in use, failed to come up)."""
 
 
+class StartupError(RuntimeError):
+    """``carryover serve`` cannot start: port in use, Redis unreachable, a model file missing or
+    unloadable, a worker that failed to start. The message says which, in one line."""
+
+
 class UnknownSetting(ValueError):
     """A ``CARRYOVER_*`` environment variable names no setting (a typo would otherwise be ignored
     silently). The message names the closest real setting."""

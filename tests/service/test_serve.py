@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from service.engine.model import RecurrentModel
 from service.serve import settings_cli_source, settings_from_args, settings_table, settings_to_env
 from tests.conftest import Exported
 from tests.engines import assert_matches_offline
-from tests.redis_fixture import RedisServer, free_port
+from tests.redis_fixture import free_port
 
 START_TIMEOUT_S = 120
 
@@ -113,10 +114,14 @@ def test_readme_configuration_table_matches_settings() -> None:
 
 
 class ServeProcess:
-    def __init__(self, tmp: Path, *args: str) -> None:
+    """A real ``carryover serve`` subprocess on a free port (its own process group), its output in
+    ``log_path``. ``wait_ready`` after ``__init__``, so that several start at once."""
+
+    def __init__(self, tmp: Path, *args: str, wait: bool = True) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = (tmp / f"serve-{self.port}.log").open("wb")
+        self.log_path = tmp / f"serve-{self.port}.log"
+        self.log = self.log_path.open("wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service", "serve", "--port", str(self.port), *args],
@@ -125,6 +130,10 @@ class ServeProcess:
             env=env,
             start_new_session=True,
         )
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             try:
@@ -134,15 +143,25 @@ class ServeProcess:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.terminate()
-                raise RuntimeError(f"carryover serve did not become ready: {Path(self.log.name).read_text()[-3000:]}")
+                raise RuntimeError(f"carryover serve did not become ready: {self.output()[-3000:]}")
             time.sleep(0.2)
 
-    def terminate(self, timeout_s: float = 60) -> int:
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+    def terminate(self, timeout_s: float = 60, sig: int = signal.SIGTERM) -> int:
+        """SIGTERM (graceful; or ``sig``, e.g. SIGINT for Ctrl-C) and wait; the exit code."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
         code = self.proc.wait(timeout_s)
         self.log.close()
         return code
+
+    def kill(self) -> None:
+        """SIGKILL to every process of the server, as when its container or host dies."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self.log.close()
 
 
 @pytest.fixture
@@ -168,9 +187,18 @@ def test_serve_with_embedded_redis_survives_a_restart(
     try:
         sid = httpx.post(server.url + "/v1/sessions", json={}).json()["session_id"]
         first = step(server.url, sid, xs[0], 0)
+        # a second service cannot take the same data directory: one line, exit code 1
+        rival = run_serve("--data-dir", data_dir, "--model", gru_model)
+        assert (rival.returncode, rival.stdout) == (1, "")
+        assert rival.stderr.startswith(f"carryover serve: data directory {data_dir} is in use")
+        assert rival.stderr.count("\n") == 1
     finally:
-        assert server.terminate() == 0  # SIGTERM: graceful, exit code 0
+        assert server.terminate(sig=signal.SIGINT) == 0  # Ctrl-C: graceful, exit code 0
     assert not list(Path(data_dir).glob("*.sock"))  # the embedded Redis went down with it
+    log = server.output()
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log
+    assert "embedded Redis (AOF under" in log and "external" not in log
+    assert f"store Redis at {data_dir}/redis.sock" in log
 
     server = ServeProcess(tmp_path, "--model", gru_model, "--data-dir", data_dir)
     try:
@@ -190,36 +218,25 @@ def test_serve_with_embedded_redis_survives_a_restart(
         assert server.terminate() == 0
 
 
-def test_two_replicas_share_sessions_through_redis(
-    tmp_path: Path, gru_model: str, loaded: dict[str, RecurrentModel]
-) -> None:
-    """Two independent server processes on one Redis: a session's requests alternate between
-    them (as behind a load balancer) and the result is the offline run, exactly once."""
-    redis_server = RedisServer(tmp_path / "redis")
-    redis_server.start()
-    model = loaded["gru_stacked"]
-    rng = np.random.default_rng(1)
-    replicas = []
-    try:
-        replicas = [ServeProcess(tmp_path, "--model", gru_model, "--redis-url", redis_server.url) for _ in range(2)]
-        sid = httpx.post(replicas[0].url + "/v1/sessions", json={}).json()["session_id"]
-        xs, outs, at = [], [], 0
-        for i in range(8):
-            x = random_inputs(model.contract, int(rng.integers(1, 5)), rng)["x"]
-            reply = step(replicas[i % 2].url, sid, x, at)
-            at = int(reply["step"])  # type: ignore[call-overload]
-            xs.append(x)
-            outs.append(np.asarray(reply["outputs"]["y"]))  # type: ignore[index]
-        # a retry of the last request on the OTHER replica is a replay, not a second application
-        retry = httpx.post(
-            f"{replicas[1].url}/v1/sessions/{sid}/step",
-            json={"inputs": {"x": xs[-1].tolist()}, "step": at - len(xs[-1])},
-        )
-        assert retry.status_code == 200 and retry.headers.get("Idempotent-Replay") == "true"
-        state = np.load(__import__("io").BytesIO(httpx.get(f"{replicas[1].url}/v1/sessions/{sid}/state").content))
-        assert int(state["carryover_step"]) == at
-        assert_matches_offline(model, {"x": np.concatenate(xs)}, {"y": np.concatenate(outs)}, {"h0": state["h0"]})
-    finally:
-        for r in replicas:
-            r.terminate()
-        redis_server.stop()
+def run_serve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service", "serve", *args], capture_output=True, text=True, timeout=START_TIMEOUT_S
+    )
+
+
+def test_start_errors_are_one_line_and_exit_code_1(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cases = {
+            f"cannot listen on 127.0.0.1:{port}: Address already in use": ["--port", str(port)],
+            "cannot use Redis at redis://127.0.0.1:1/0: ": ["--redis-url", "redis://127.0.0.1:1/0"],
+            "model lm: no such file /no/such/model.onnx": ["--model", "lm=/no/such/model.onnx"],
+        }
+        for message, args in cases.items():
+            args = ["--port", str(free_port()), *args] if args[0] != "--port" else args
+            done = run_serve("--data-dir", str(tmp_path / "data"), "--redis-timeout", "0.5", *args)
+            assert done.returncode == 1, done.stderr
+            assert done.stderr.startswith(f"carryover serve: {message}"), done.stderr
+            assert done.stderr.count("\n") == 1, done.stderr  # one line, no traceback
