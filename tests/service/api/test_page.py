@@ -23,6 +23,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from model_export.verify import unpadded_run
 from service.config import BUNDLED_MODEL
 from service.engine.model import RecurrentModel
+from service.keys import key_line, new_key
 from tests.live_server import LiveServer, live_server
 from tests.redis_fixture import RedisServer
 
@@ -115,11 +116,6 @@ def server_step(server: LiveServer, session_id: str) -> int:
     return int(httpx.get(f"{server.url}/v1/sessions/{session_id}").json()["step"])
 
 
-def has_generation(server: LiveServer) -> bool:
-    paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
-    return "/v1/sessions/{session_id}/generate" in paths
-
-
 # -- the page -----------------------------------------------------------------------------------------
 def test_type_edit_reload_reset_new_session(
     page: Page, page_server: LiveServer, charlm: RecurrentModel, tmp_path: Path
@@ -183,8 +179,6 @@ def test_expired_session_starts_a_new_one(page: Page, page_server: LiveServer, c
 
 
 def test_continue_streams_a_generation(page: Page, page_server: LiveServer, charlm: RecurrentModel) -> None:
-    if not has_generation(page_server):
-        pytest.skip("this build has no server-side generation (POST /v1/sessions/{id}/generate) yet")
     session_id = open_page(page, page_server)
     prompt, tokens = "for i in range(", 12
     page.locator("#editor").press_sequentially(prompt)
@@ -201,6 +195,34 @@ def test_continue_streams_a_generation(page: Page, page_server: LiveServer, char
     assert server_step(page_server, session_id) == len(text)
     page.locator("#editor").press_sequentially(")")
     assert_predictions(page, charlm, text + ")")
+
+
+def test_with_api_keys_the_page_asks_for_one(
+    browser: Browser, redis_server: RedisServer, charlm: RecurrentModel, tmp_path: Path
+) -> None:
+    key = new_key()
+    (tmp_path / "keys").write_text(key_line("browser", key) + "\n")
+    with live_server(redis_server.url, {"charlm": charlm}, api_keys_file=tmp_path / "keys") as server:
+        context = browser.new_context()
+        page = context.new_page()
+        page.set_default_timeout(20_000)
+        asked: list[str] = []
+
+        def answer(dialog: Any) -> None:
+            asked.append(dialog.message)
+            dialog.accept(key)
+
+        page.on("dialog", answer)
+        try:
+            session_id = open_page(page, server)
+            page.locator("#editor").press_sequentially("print(")
+            assert_predictions(page, charlm, "print(")
+        finally:
+            context.close()
+        assert asked == ["This server needs an API key:"]
+        url = f"{server.url}/v1/sessions/{session_id}"
+        assert httpx.get(url).status_code == 401  # the page's session belongs to its key
+        assert httpx.get(url, headers={"Authorization": f"Bearer {key}"}).json()["step"] == len("print(")
 
 
 # -- /docs offline ------------------------------------------------------------------------------------

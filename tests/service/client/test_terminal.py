@@ -15,7 +15,7 @@ import pytest
 from model_export.verify import random_inputs, unpadded_run
 from service.cli import build_parser
 from service.client import Client, Session
-from service.client.terminal import file_mode, interactive, run_client
+from service.client.terminal import Terminal, file_mode, interactive, run_client
 from service.engine.model import RecurrentModel
 from tests.engines import assert_matches_offline
 from tests.live_server import LiveServer
@@ -130,3 +130,14 @@ def test_terminal_client_file_mode(api_server: LiveServer, tmp_path: Path, loade
         assert file_mode(session, models["gru"], tmp_path / "x.npy", tmp_path / "y.npz", chunk=4) == 0
         y = np.load(tmp_path / "y.npz")["y"]
         assert_matches_offline(model, {"x": x}, {"y": y}, {"h0": session.state()["h0"]})
+
+
+def test_gen_runs_on_the_server(api_server: LiveServer, loaded: dict[str, RecurrentModel]) -> None:
+    with Client(api_server.url) as client:
+        model = next(m for m in client.models() if m["name"] == "tokens")
+        out = io.StringIO()
+        terminal = Terminal(client.create("tokens"), model, out)
+        for line in ("ab", ":gen 5"):
+            terminal.command(line)
+        assert terminal.server_generates and terminal.session.step_count == 8  # one generate, not 5 steps
+    assert out.getvalue().splitlines()[1] == greedy(loaded["token_gru"], "ab\n", 5)
