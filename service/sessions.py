@@ -13,7 +13,6 @@ Generations go through the scheduler too, one token per batch (``service.engine.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import secrets
 import time
@@ -21,12 +20,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-import numpy as np
-
 from service.config import Settings
-from service.engine.cas import MAX_ATTEMPTS, rewrite
+from service.engine.cas import rewrite
 from service.engine.contract import ModelContract
 from service.engine.generation import (
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
     DoneEvent,
     GenerateCall,
     GenerationStream,
@@ -37,7 +36,7 @@ from service.engine.generation import (
 from service.engine.model import RecurrentModel
 from service.engine.scheduler import Scheduler, StepReply
 from service.engine.tensors import initial_state_bytes, request_digest, states_to_bytes
-from service.engine.validation import validate_inputs
+from service.engine.validation import integral, validate_inputs
 from service.errors import (
     InvalidInput,
     ModelMismatch,
@@ -53,6 +52,8 @@ from service.state_file import read_state_file, write_state_file
 from service.store.store import SessionRecord, SessionStore
 
 __all__ = [
+    "MAX_STOP_CHARS",
+    "MAX_STOP_STRINGS",
     "MAX_TTL_S",
     "SESSION_ID",
     "DoneEvent",
@@ -65,7 +66,7 @@ __all__ = [
     "StepReply",
     "TokenEvent",
     "checked_step",
-    "is_derived_id",
+    "integral",
     "is_session_id",
     "parse_generate",
     "parse_step",
@@ -86,13 +87,10 @@ def is_session_id(value: object) -> bool:
     return isinstance(value, str) and SESSION_ID.match(value) is not None
 
 
-def is_derived_id(value: str) -> bool:
-    """``~`` + an id that follows the rule: named by a transport (``/v2``), never by a client."""
-    return value[:1] == "~" and is_session_id(value[1:])
-
-
 def checked_step(value: object) -> int | None:
-    """The ``step`` of a request: ``None`` (arrival order) or a non-negative int (``bool`` is not)."""
+    """The ``step`` of a request: ``None`` (arrival order) or a non-negative int (``bool`` is not;
+    ``3.0`` is 3)."""
+    value = integral(value)
     if value is None:
         return None
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -102,6 +100,7 @@ def checked_step(value: object) -> int | None:
 
 def checked_ttl(value: object, default: int) -> int:
     """Seconds without access before a session expires: an int in [1, ``MAX_TTL_S``]."""
+    value = integral(value)
     if value is None:
         return default
     if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_TTL_S:
@@ -119,7 +118,7 @@ class StepCall:
     expected_step: int | None = None
 
     def __post_init__(self) -> None:
-        checked_step(self.expected_step)
+        object.__setattr__(self, "expected_step", checked_step(self.expected_step))
 
 
 def parse_step(body: object, *, transport_fields: frozenset[str] = frozenset()) -> StepCall:
@@ -200,10 +199,10 @@ class SessionService:
         ttl_s: int | None = None,
         fork_from: str | None = None,
         owner: str = "",
-        derived: bool = False,  # a transport's own id (``is_derived_id``) instead of a client's
+        derived: bool = False,  # a transport's own id: ``~`` + the rule (``service.sequences``)
     ) -> SessionInfo:
         ttl = checked_ttl(ttl_s, self.settings.session_ttl_s)
-        if session_id is not None and not (is_derived_id if derived else is_session_id)(session_id):
+        if session_id is not None and not is_session_id(session_id[1:] if derived else session_id):
             raise InvalidInput(f"session_id must be {SESSION_ID_RULE}")
         now = time.time()
         if fork_from is not None:
@@ -251,27 +250,6 @@ class SessionService:
             return replace(record, step=0, states=initial_state_bytes(self.model(record.model).contract))
 
         return self._info(session_id, await self._rewrite(session_id, owner, zeros))
-
-    async def start_over(self, session_id: str, model: str, inputs: Mapping[str, Any], owner: str = "") -> None:
-        """A derived session at the initial state (created, or reset), once its first ``inputs`` check out."""
-        validate_inputs(self.model(model).contract, inputs, self.settings.max_steps_per_request)
-        for _ in range(MAX_ATTEMPTS):  # create, else reset; again if it is deleted in between
-            with contextlib.suppress(SessionExists):
-                await self.create(model=model, session_id=session_id, owner=owner, derived=True)
-                return
-            with contextlib.suppress(SessionNotFound):
-                await self.reset(session_id, owner)
-                return
-        raise SessionExists(f"session {session_id!r:.140} keeps changing; try again")
-
-    async def run_fresh(self, model: str, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """``inputs`` run alone from the initial state, nothing stored: the ``[T, ...]`` outputs."""
-        served = self.model(model)
-        arrays = validate_inputs(served.contract, inputs, self.settings.max_steps_per_request)
-        mask = np.ones((1, next(iter(arrays.values())).shape[0]), dtype=bool)
-        batch = {name: a[None] for name, a in arrays.items()}
-        result = await asyncio.to_thread(served.run, batch, mask, served.contract.initial_states(1))
-        return {name: out[0] for name, out in result.outputs.items()}
 
     # -- stepping ---------------------------------------------------------------------------
     async def step(
@@ -376,8 +354,8 @@ class SessionService:
     @staticmethod
     def _key(session_id: str, owner: str) -> str:
         """Store id: sessions are namespaced by owner, so another owner's id is simply absent; so
-        is an id that breaks the session id rule (it can never have been created)."""
-        if not is_session_id(session_id) and not is_derived_id(session_id):
+        is an id that breaks the session id rule (``~`` + the rule: a transport's derived id)."""
+        if not is_session_id(session_id.removeprefix("~")):
             raise _not_found(session_id)
         return f"{owner}:{session_id}" if owner else session_id
 

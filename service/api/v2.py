@@ -36,6 +36,7 @@ from service.api.v2_tensors import (
     parse_infer,
 )
 from service.errors import InvalidInput, ModelNotFound, NotReady, SessionNotFound
+from service.sequences import run_fresh, start_over
 from service.sessions import ModelContract, SessionService, StepCall, is_session_id
 
 SERVER_NAME = "carryover"
@@ -155,11 +156,11 @@ async def infer(request: Request, model: str, version: str | None = None) -> Res
         head["id"] = req.id
     owner = owner_of(request)
     if sequence is None:
-        outputs = await sessions.run_fresh(model, inputs)
+        outputs = await run_fresh(sessions, model, inputs)
     else:
         session_id = sequence_session_id(model, sequence)
         if start:  # checks the inputs first: a bad request never resets a sequence
-            await sessions.start_over(session_id, model, inputs, owner)
+            await start_over(sessions, session_id, model, inputs, owner)
         try:
             reply = await sessions.apply(session_id, StepCall(inputs), owner)
         except SessionNotFound:

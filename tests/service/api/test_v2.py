@@ -23,7 +23,8 @@ from service.api.v2_tensors import HEADER_LENGTH, encode_reply, parse_infer
 from service.engine.model import RecurrentModel
 from service.errors import InvalidInput
 from service.keys import key_line, new_key
-from service.sessions import is_derived_id, is_session_id
+from service.sequences import is_derived_id
+from service.sessions import is_session_id
 from tests.engines import assert_matches_offline, offline
 from tests.live_server import API_MODELS, LiveServer, live_server
 from tests.redis_fixture import RedisServer
