@@ -46,8 +46,10 @@ PLATFORM = "onnxruntime_onnx"
 UINT64_MAX = 2**64 - 1
 PLAIN_MODEL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,48}$")
 
-router = APIRouter(strict_content_type=False, tags=["v2"])  # models and inference: authenticated
-server = APIRouter(tags=["v2"])  # server metadata and health: open, like /healthz and /readyz
+# Not in the OpenAPI schema: the Open Inference Protocol is its own specification, and its
+# JSON-then-raw-bytes bodies are beyond what OpenAPI can describe (docs/v2.md documents them).
+router = APIRouter(strict_content_type=False, include_in_schema=False)  # models and inference: authenticated
+server = APIRouter(include_in_schema=False)  # server metadata and health: open, like /healthz and /readyz
 
 
 def _json(data: Any) -> Response:
