@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     redis_max_connections: int = Field(64, ge=1, description="Redis connections per process; more callers wait")
     session_ttl_s: int = Field(86_400, ge=1, description="default session TTL in seconds, refreshed on every access")
     max_sessions: int = Field(1_000_000, ge=1, description="creating more sessions answers 429")
+    replay_window_s: float = Field(
+        60.0, gt=0, description="how long a step's outputs are kept for a retry with the same `step` (seconds)"
+    )
+    replay_max_bytes: int = Field(
+        256 * 1024, ge=0, description="larger outputs keep no replay copy (a retry then gets 409 with the step)"
+    )
 
     max_batch_size: int = Field(64, ge=1, description="rows (sessions) per batch")
     max_batch_tokens: int = Field(8192, ge=1, description="sum of T (timesteps) over a batch")
