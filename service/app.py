@@ -8,14 +8,19 @@ and so does ``service.serve.DrainingServer`` before uvicorn closes WebSockets it
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterator, Mapping
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
+from service.api.auth import Auth, install_auth
 from service.api.http import install_http
+from service.api.page import install_page
 from service.api.state import AppState, install_state
 from service.api.ws import install_ws
 from service.config import Settings
@@ -66,6 +71,7 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, Recurre
             )
             sessions = SessionService(settings, store, served, state.metrics)
             await sessions.start()
+            _reload_keys_on_sighup(auth)
             state.sessions, state.ready = sessions, True
             log.info(
                 "carryover ready: models %s, store %s",
@@ -88,6 +94,25 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, Recurre
         "ragged micro-batching on ONNX Runtime.",
     )
     install_state(app, state)
+    auth = install_auth(app, settings)  # reads the key file now: a bad one fails here, not later
     install_http(app, state)
     install_ws(app)
+    install_page(app)
+    if settings.cors_origins:  # off unless configured: browsers then refuse cross-origin calls
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["Location", "Retry-After", "Idempotent-Replay", "X-Request-ID"],
+        )
     return app
+
+
+def _reload_keys_on_sighup(auth: Auth) -> None:
+    """SIGHUP re-reads the API key file (it is also re-read when it changes). Only where this
+    process's main thread runs the loop (``carryover serve``; not an app served from a thread)."""
+    if auth.keys is None:
+        return
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, auth.reload)

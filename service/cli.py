@@ -1,5 +1,5 @@
 """The ``carryover`` command: ``serve`` (its flags derived from ``Settings``, see ``serve.py``),
-``verify``, ``bench`` and ``client``."""
+``verify``, ``bench``, ``client`` and ``keys``."""
 
 from __future__ import annotations
 
@@ -58,6 +58,29 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_add(args: argparse.Namespace) -> int:
+    from service.keys import KeyFileError, key_line, new_key
+
+    key = new_key()
+    try:
+        line = key_line(args.name, key)
+    except KeyFileError as e:
+        print(f"carryover keys add: {e}", file=sys.stderr)
+        return 2
+    if args.file is not None:
+        args.file.parent.mkdir(parents=True, exist_ok=True)
+        with args.file.open("a") as f:
+            if f.tell() and not args.file.read_text().endswith("\n"):
+                f.write("\n")
+            f.write(line + "\n")
+    print(f"API key for {args.name} (shown once; the server stores only its hash):\n  {key}")
+    if args.file is not None:
+        print(f"added to {args.file} (a running server picks it up within a second, or on SIGHUP):\n  {line}")
+    else:
+        print(f"add this line to the server's --api-keys-file:\n  {line}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="carryover", description="Streaming inference for recurrent models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("which", choices=["engine", "api", "loadgen", "run_all"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark (see its --help)")
     bench.set_defaults(func=_bench)
+
+    keys = sub.add_parser("keys", help="manage API keys", description="Create API keys for --api-keys-file.")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    add = keys_sub.add_parser(
+        "add",
+        help="print a new key and its key-file line",
+        description="Print a new random key and its NAME:SHA256HEX line for the key file.",
+    )
+    add.add_argument("name", help="a name for the key (1-64 of A-Z a-z 0-9 . _ -)")
+    add.add_argument("--file", type=Path, metavar="PATH", help="append the line to this key file")
+    add.set_defaults(func=_keys_add)
 
     from service.client.terminal import add_client_parser
     from service.serve import add_serve_parser

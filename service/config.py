@@ -70,12 +70,31 @@ class Settings(BaseSettings):
         256 * 1024, ge=0, description="larger outputs keep no replay copy (a retry then gets 409 with the step)"
     )
 
+    api_keys_file: Path | None = Field(
+        None,
+        description="API keys, one NAME:SHA256HEX per line (re-read on change and on SIGHUP); unset = no keys",
+        json_schema_extra={"metavar": "PATH"},
+    )
+    cors_origins: list[str] = Field(
+        [], description="origins allowed by CORS (repeatable; none = CORS off)", json_schema_extra={"metavar": "ORIGIN"}
+    )
+    rate_limit_rps: float = Field(0.0, ge=0, description="requests per second per API key, across replicas (0 = off)")
+    rate_limit_burst: int = Field(0, ge=0, description="token bucket size of the rate limit (0 = one second's worth)")
+    max_sessions_per_key: int = Field(0, ge=0, description="live sessions per API key (0 = off)")
+    max_streams_per_key: int = Field(
+        0, ge=0, description="open WebSocket connections per API key and process (0 = off)"
+    )
+    ws_auth_timeout_s: float = Field(
+        10.0, gt=0, description="how long a WebSocket without an Authorization header has to send its auth message"
+    )
+
     max_batch_size: int = Field(64, ge=1, description="rows (sessions) per batch")
     max_batch_tokens: int = Field(8192, ge=1, description="sum of T (timesteps) over a batch")
     max_wait_us: int = Field(2000, ge=0, description="how long to wait for more work, only while the device is busy")
     max_queue: int = Field(4096, ge=1, description="queued requests per model before 503 overloaded")
     max_chunk: int = Field(256, ge=1, description="long requests run in chunks of this many steps")
     max_steps_per_request: int = Field(16_384, ge=1, description="T limit of one request (422 above)")
+    max_generate_tokens: int = Field(4096, ge=1, description="max_tokens limit of one generation (422 above)")
     bucket_overhead_tokens: int = Field(
         256, ge=0, description="padding worth one extra model call when bucketing by length"
     )

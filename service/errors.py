@@ -5,11 +5,15 @@ breaks the contract, an embedded Redis that cannot start) are plain exceptions f
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 
 class CarryoverError(Exception):
     status: int = 500
     code: str = "internal"
     title: str = "Internal error"
+    headers: ClassVar[Mapping[str, str]] = {}  # extra HTTP headers of the problem response
 
     def __init__(self, detail: str, **extra: object) -> None:
         super().__init__(detail)
@@ -64,8 +68,38 @@ class ModelMismatch(CarryoverError):
     status, code, title = 409, "model_mismatch", "State belongs to another model"
 
 
+class Unauthorized(CarryoverError):
+    """No API key, or one the server does not know (only when API keys are configured)."""
+
+    status, code, title = 401, "unauthorized", "Unauthorized"
+    headers: ClassVar[Mapping[str, str]] = {"WWW-Authenticate": "Bearer"}
+
+
 class TooManySessions(CarryoverError):
+    """The server's, or the API key's, limit of live sessions is reached."""
+
     status, code, title = 429, "too_many_sessions", "Too many sessions"
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
+class RateLimited(CarryoverError):
+    """The API key's requests per second are used up; ``retry_after`` says when a token is back."""
+
+    status, code, title = 429, "rate_limited", "Too many requests"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
+class TooManyStreams(CarryoverError):
+    """The API key holds its limit of open WebSocket connections."""
+
+    status, code, title = 429, "too_many_streams", "Too many WebSocket connections"
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message, retry_after=retry_after)
 
 
 class SessionCorrupt(CarryoverError):

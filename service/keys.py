@@ -87,8 +87,8 @@ class KeyRing:
         self._lock = threading.Lock()
         self._keys: dict[str, ApiKey] = {}
         self._signature: tuple[int, int, int] | None = None
-        self._checked = 0.0
         self._load(strict=True)
+        self._checked = time.monotonic()  # the interval runs from this load, not from the clock's zero
 
     def __len__(self) -> int:
         return len(self._keys)

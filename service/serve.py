@@ -247,6 +247,17 @@ def check_models(settings: Settings) -> None:
             raise StartupError(f"model {name}: no such file {path}")
 
 
+def check_keys(settings: Settings) -> None:
+    """The API key file, if set, can be read and holds keys (the app reads it again itself)."""
+    from service.keys import KeyFileError, KeyRing
+
+    if settings.api_keys_file is not None:
+        try:
+            KeyRing(settings.api_keys_file)
+        except KeyFileError as e:
+            raise StartupError(str(e)) from None
+
+
 def load_served_models(settings: Settings) -> dict[str, RecurrentModel]:
     """Load the models here, so that one that cannot be loaded is one clear error."""
     from service.app import load_models
@@ -280,6 +291,7 @@ def run(settings: Settings) -> None:
     configure_logging(settings.log_format)
     _stop_cleanly_on_signals()
     check_models(settings)
+    check_keys(settings)
     sock = bind(settings)
     embedded = None
     try:

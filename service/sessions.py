@@ -1,11 +1,13 @@
 """Session operations: the one contract every transport calls (docs/architecture.md).
 
 HTTP, WebSocket and ``/v2`` are leaves that depend on this module and on nothing below it: it
-owns the request and reply types (``StepCall``, ``StepReply``, ``SessionInfo``), the one parser
-of a step envelope (``parse_step``) and the one rule for each request field (``step``,
+owns the request and reply types (``StepCall``, ``StepReply``, ``SessionInfo``, ``GenerateCall``
+and the generation events), the one parser of a step envelope (``parse_step``) and of a
+generation (``parse_generate``), and the one rule for each request field (``step``,
 ``ttl_s``, session ids, owners). Steps go through the model's ``Scheduler``; create / reset /
 import / delete write the store directly, each write a compare-and-set, so they interleave
 safely with in-flight steps (a step that loses the race runs again on the new state).
+Generations go through the scheduler too, one token per batch (``service.engine.generation``).
 """
 
 from __future__ import annotations
@@ -16,11 +18,19 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from service.config import Settings
 from service.engine.cas import rewrite
 from service.engine.contract import ModelContract
+from service.engine.generation import (
+    DoneEvent,
+    GenerateCall,
+    GenerationStream,
+    TokenEvent,
+    new_generation,
+    parse_generate,
+)
 from service.engine.model import RecurrentModel
 from service.engine.scheduler import Scheduler, StepReply
 from service.engine.tensors import initial_state_bytes, request_digest, states_to_bytes
@@ -29,10 +39,10 @@ from service.errors import (
     InvalidInput,
     ModelMismatch,
     ModelNotFound,
+    RateLimited,
     SessionCorrupt,
     SessionExists,
     SessionNotFound,
-    TooManySessions,
     Unavailable,
 )
 from service.metrics import Metrics
@@ -42,13 +52,18 @@ from service.store.store import SessionRecord, SessionStore
 __all__ = [
     "MAX_TTL_S",
     "SESSION_ID",
+    "DoneEvent",
+    "GenerateCall",
+    "GenerationStream",
     "ModelContract",
     "SessionInfo",
     "SessionService",
     "StepCall",
     "StepReply",
+    "TokenEvent",
     "checked_step",
     "is_session_id",
+    "parse_generate",
     "parse_step",
 ]
 
@@ -57,7 +72,7 @@ SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,127}$")
 SESSION_ID_RULE = "1-128 characters of A-Z a-z 0-9 . _ ~ - starting with a letter or digit"
 MAX_TTL_S = 366 * 86_400
 STEP_FIELDS = frozenset({"inputs", "step"})
-COUNT_CACHE_S = 1.0
+_T = TypeVar("_T")
 ROUTING_STRIPES = 256
 
 
@@ -148,7 +163,6 @@ class SessionService:
         self.metrics = metrics
         self._session_model: dict[str, str] = {}  # routing cache for multi-model servers
         self._routing_locks = [asyncio.Lock() for _ in range(ROUTING_STRIPES)]
-        self._count: tuple[float, int] = (0.0, 0)
 
     async def start(self) -> None:
         for s in self.schedulers.values():
@@ -160,26 +174,7 @@ class SessionService:
 
     # -- models -----------------------------------------------------------------------------
     def describe_models(self) -> list[dict[str, Any]]:
-        out = []
-        for name, m in self.models.items():
-            c = m.contract
-            entry: dict[str, Any] = {
-                "name": name,
-                "fingerprint": m.fingerprint,
-                "kind": c.kind,
-                "form": c.form,
-                "provider": m.provider,
-                "default": name == self.default_model,
-                "inputs": [t.describe() for t in c.inputs],
-                "outputs": [t.describe() for t in c.outputs],
-                "states": [s.describe() for s in c.states],
-            }
-            if c.kind == "token_lm":
-                vocab = c.vocab or ()
-                entry["vocab"] = "".join(vocab) if all(len(v) == 1 for v in vocab) else list(vocab)
-                entry["unk_id"] = c.unk_id
-            out.append(entry)
-        return out
+        return [m.describe(name, default=name == self.default_model) for name, m in self.models.items()]
 
     def model(self, name: str | None) -> RecurrentModel:
         key = name or self.default_model
@@ -200,7 +195,6 @@ class SessionService:
         ttl = checked_ttl(ttl_s, self.settings.session_ttl_s)
         if session_id is not None and not is_session_id(session_id):
             raise InvalidInput(f"session_id must be {SESSION_ID_RULE}")
-        await self._check_capacity()
         now = time.time()
         if fork_from is not None:
             source = await self._load(fork_from, owner)
@@ -228,16 +222,17 @@ class SessionService:
             updated_at=now,
             ttl_s=ttl,
         )
-        if not await self.store.create(record):
+        # The store counts the session and enforces both session limits in Redis (every replica's).
+        limits = {"max_sessions": self.settings.max_sessions, "max_per_owner": self.settings.max_sessions_per_key}
+        if not await self.store.create(record, **limits):
             raise SessionExists(f"session {public_id!r} already exists")
-        self._count = (self._count[0], self._count[1] + 1)
         return self._info(public_id, replace(record, expires_in=float(ttl)))
 
     async def get(self, session_id: str, owner: str = "") -> SessionInfo:
         return self._info(session_id, await self._load(session_id, owner))
 
     async def delete(self, session_id: str, owner: str = "") -> None:
-        if not await self.store.delete(self._key(session_id, owner)):
+        if not await self.store.delete(self._key(session_id, owner), owner):
             raise _not_found(session_id)
         self._session_model.pop(self._key(session_id, owner), None)
 
@@ -262,17 +257,32 @@ class SessionService:
         record it reads for the batch (the read that the write's compare-and-set is based on,
         so no check here could be fresher)."""
         key = self._key(session_id, owner)
-        if len(self.models) == 1:  # no await before submit: calls queue in the order they were made
-            future = self._submit(self.default_model, key, owner, call)
-        else:
-            # Finding the session's model may need Redis; a FIFO lock per key stripe keeps the
-            # submissions of one session in call order across that await (pipelined WS chunks).
-            async with self._routing_locks[hash(key) % len(self._routing_locks)]:
-                if key not in self._session_model:
-                    self._session_model[key] = await self._model_of(key, session_id)
-                future = self._submit(self._session_model[key], key, owner, call)
-        reply = await future
+        reply = await (await self._routed(key, session_id, lambda name: self._submit(name, key, owner, call)))
         return replace(reply, session_id=session_id)
+
+    async def generate(self, session_id: str, call: GenerateCall, owner: str = "") -> GenerationStream:
+        """Start a generation (token LMs; docs/generation.md): ``TokenEvent``s, then a ``DoneEvent``.
+        What fails before the first token (404, 409 on ``step``) is raised by the first ``__anext__``."""
+        checked_step(call.expected_step)
+        key = self._key(session_id, owner)
+
+        def submit(name: str) -> GenerationStream:
+            g = new_generation(self.model(name).contract, call, self.settings)
+            future = self.schedulers[name].submit(key, owner, {g.input.name: g.prompt}, call.expected_step, g.digest, g)
+            return GenerationStream(g, future)
+
+        return await self._routed(key, session_id, submit)
+
+    async def _routed(self, key: str, session_id: str, submit: Callable[[str], _T]) -> _T:
+        """``submit`` to the session's model. One model: no await before it, so calls queue in
+        the order they were made. Several: finding the session's model may need Redis; a FIFO
+        lock per key stripe keeps one session's submissions in call order across that await."""
+        if len(self.models) == 1:
+            return submit(self.default_model)
+        async with self._routing_locks[hash(key) % len(self._routing_locks)]:
+            if key not in self._session_model:
+                self._session_model[key] = await self._model_of(key, session_id)
+            return submit(self._session_model[key])
 
     def _submit(self, name: str, key: str, owner: str, call: StepCall) -> asyncio.Future[StepReply]:
         arrays = validate_inputs(self.model(name).contract, call.inputs, self.settings.max_steps_per_request)
@@ -288,6 +298,25 @@ class SessionService:
         if record is None:
             raise _not_found(session_id)
         return record.model
+
+    # -- access -----------------------------------------------------------------------------
+    async def admit(self, owner: str) -> None:
+        """One request of ``owner`` against its rate limit (``rate_limit_rps``, a token bucket in
+        Redis shared by every replica): ``RateLimited`` with the wait when it is used up."""
+        rate = self.settings.rate_limit_rps
+        if rate <= 0:
+            return
+        wait = await self.store.take_token(owner, rate, self.settings.rate_limit_burst)
+        if wait > 0:
+            raise RateLimited(f"this API key's limit of {rate:g} requests per second is reached", retry_after=wait)
+
+    async def count(self, owner: str = "") -> tuple[int, int]:
+        """Live sessions ``(of the store, of owner)``, O(1) (see ``service.store.counting``);
+        also sets the sessions gauge."""
+        tally = await self.store.count_sessions(owner)
+        if self.metrics:
+            self.metrics.sessions.set(tally.total)
+        return tally.total, tally.owned
 
     # -- readiness --------------------------------------------------------------------------
     async def ping(self) -> None:
@@ -322,16 +351,6 @@ class SessionService:
         if not is_session_id(session_id):
             raise _not_found(session_id)
         return f"{owner}:{session_id}" if owner else session_id
-
-    async def _check_capacity(self) -> None:
-        checked, count = self._count
-        if time.monotonic() - checked > COUNT_CACHE_S:
-            count = await self.store.count()
-            self._count = (time.monotonic(), count)
-            if self.metrics:
-                self.metrics.sessions.set(count)
-        if count >= self.settings.max_sessions:
-            raise TooManySessions(f"the server holds its limit of {self.settings.max_sessions} sessions")
 
     async def _load(self, session_id: str, owner: str) -> SessionRecord:
         (record,) = await self.store.load([self._key(session_id, owner)])

@@ -9,6 +9,7 @@ the access log live in ``middleware.py``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -19,6 +20,7 @@ from fastapi import APIRouter, Body, Depends, FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
+from service.api.auth import AUTHENTICATED
 from service.api.middleware import RequestContextMiddleware
 from service.api.openapi import install_openapi
 from service.api.problems import install_problem_handlers
@@ -37,14 +39,16 @@ from service.api.schemas import (
     StepResponse,
     error_responses,
 )
+from service.api.sse import GENERATE_BODY, GENERATE_RESPONSE, sse_response
 from service.api.state import AppState, app_state, owner_of
-from service.errors import InvalidInput, InvalidJson, NotReady, UnsupportedMediaType
-from service.sessions import SessionInfo, SessionService, parse_step
+from service.errors import CarryoverError, InvalidInput, InvalidJson, NotReady, UnsupportedMediaType
+from service.sessions import SessionInfo, SessionService, parse_generate, parse_step
 
 NPZ_MEDIA_TYPES = frozenset({NPZ_MEDIA_TYPE, "application/octet-stream", "application/zip"})
 
 # Not strict: a JSON body without a Content-Type is read as JSON (``require_json`` rejects others).
-router = APIRouter(strict_content_type=False)
+router = APIRouter(strict_content_type=False)  # /v1: included behind the API key (service.api.auth)
+operations = APIRouter()  # health, readiness, metrics: open (docs/security.md)
 
 
 # -- parsing helpers ------------------------------------------------------------------------------
@@ -179,6 +183,25 @@ async def step_session(request: Request, session_id: SessionIdPath) -> Response:
 
 
 @router.post(
+    "/v1/sessions/{session_id}/generate",
+    tags=["sessions"],
+    operation_id="generate",
+    summary="Generate tokens through the session (token LMs), streamed as server-sent events",
+    response_class=Response,
+    responses={**GENERATE_RESPONSE, **error_responses(400, 404, 409, 413, 415, 422, 503)},
+    openapi_extra=GENERATE_BODY,
+)
+async def generate(request: Request, session_id: SessionIdPath) -> Response:
+    """Feed the prompt, then sample and feed one token per scheduler iteration (continuous
+    batching). Each token event is sent after the write that applied it; afterwards the session
+    has consumed the prompt and every generated token. Errors before the first token are the
+    usual problem replies (409 with ``current_step`` when ``step`` is not the session's)."""
+    call = parse_generate(await _json_body(request))
+    stream = await _sessions(request).generate(session_id, call, owner=owner_of(request))
+    return await sse_response(stream)
+
+
+@router.post(
     "/v1/sessions/{session_id}/reset",
     tags=["sessions"],
     operation_id="resetSession",
@@ -250,13 +273,13 @@ async def import_state(request: Request, session_id: SessionIdPath) -> Response:
 
 
 # -- operations -----------------------------------------------------------------------------------
-@router.get("/healthz", tags=["operations"], operation_id="healthz", summary="Liveness", response_model=Health)
+@operations.get("/healthz", tags=["operations"], operation_id="healthz", summary="Liveness", response_model=Health)
 async def healthz() -> Response:
     """200 while the process runs."""
     return _json({"status": "ok"})
 
 
-@router.get(
+@operations.get(
     "/readyz",
     tags=["operations"],
     operation_id="readyz",
@@ -272,7 +295,7 @@ async def readyz(request: Request) -> Response:
     return _json({"status": "ready"})
 
 
-@router.get(
+@operations.get(
     "/metrics",
     tags=["operations"],
     operation_id="metrics",
@@ -284,12 +307,15 @@ async def metrics(request: Request) -> Response:
     state = app_state(request.app)
     if state.sessions is not None:
         state.metrics.prepare(state.sessions.models)
+        with contextlib.suppress(CarryoverError):  # a scrape still answers while Redis is away
+            await state.sessions.count()  # O(1): sets the sessions gauge
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def install_http(app: FastAPI, state: AppState) -> None:
     """Routes, problem+json error handlers, the request middleware and the OpenAPI additions."""
-    app.include_router(router)
+    app.include_router(router, dependencies=AUTHENTICATED)
+    app.include_router(operations)
     install_problem_handlers(app)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=state.settings.max_body_bytes, metrics=state.metrics)
     install_openapi(app)

@@ -27,6 +27,9 @@ def install_openapi(app: FastAPI) -> None:
         problem_content = {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
         for operations in schema.get("paths", {}).values():
             for operation in operations.values():
+                if operation.get("security"):  # behind the API key (service.api.auth)
+                    operation["responses"].setdefault("401", {"description": "no or an unknown API key"})
+                    operation["responses"].setdefault("429", {"description": "a per-key limit is reached"})
                 for status, response in operation.get("responses", {}).items():
                     if status[:1] in "45":  # FastAPI's default 422 is not what we send
                         response["content"] = problem_content

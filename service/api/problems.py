@@ -33,7 +33,7 @@ PROBLEM_MEDIA_TYPE = "application/problem+json"
 DEFAULT_RETRY_AFTER_S = 1  # a 503 always says when to come back
 
 # WebSocket close codes (RFC 6455 §7.4; 4xxx: 4000 + the HTTP status of the error).
-CLOSE_TOO_BIG, CLOSE_INTERNAL, CLOSE_RESTART, CLOSE_TRY_AGAIN = 1009, 1011, 1012, 1013
+CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_INTERNAL, CLOSE_RESTART, CLOSE_TRY_AGAIN = 1008, 1009, 1011, 1012, 1013
 RETRYABLE = (Overloaded, ShuttingDown, Unavailable, NotReady)  # outages: 1013, never 1011
 
 # Code and title of the failures that Starlette / FastAPI raise by status (routing, parsing).
@@ -109,6 +109,8 @@ def ws_close_code(error: CarryoverError) -> int | None:
         return CLOSE_TRY_AGAIN
     if isinstance(error, PayloadTooLarge):
         return CLOSE_TOO_BIG
+    if error.status in (401, 429):  # no or unknown key, a per-key limit: a policy close
+        return CLOSE_POLICY
     if isinstance(error, SessionNotFound):
         return 4000 + error.status
     if error.status >= 500:
@@ -132,7 +134,7 @@ async def _on_carryover_error(request: Request, exc: Exception) -> Response:
         raise exc  # a WebSocket's errors are its own transport's business
     if exc.status == 500:  # 503s are expected conditions, counted and in the access log
         log.error("%s %s: %s (request_id=%s)", request.method, request.url.path, exc.detail, _request_id(request))
-    return problem_response(error_problem(exc, _request_id(request)))
+    return problem_response(error_problem(exc, _request_id(request)), dict(exc.headers))
 
 
 async def _on_http_error(request: Request, exc: Exception) -> Response:

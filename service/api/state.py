@@ -13,11 +13,12 @@ from starlette.requests import HTTPConnection
 
 from service.api.problems import CLOSE_RESTART
 from service.config import Settings
-from service.errors import NotReady
+from service.errors import NotReady, Unauthorized
 from service.metrics import Metrics
 from service.sessions import SessionService
 
-ANONYMOUS = ""  # the owner of every session until API keys exist
+ANONYMOUS = ""  # the owner of every session when API keys are off
+OWNER_STATE = "carryover_owner"  # where service.api.auth puts the caller's owner (request.state)
 DRAIN_TIMEOUT_S = 10.0  # how long in-flight WebSocket chunks may take before connections are cut
 
 
@@ -89,6 +90,12 @@ def app_state(app: Starlette) -> AppState:
 
 
 def owner_of(connection: HTTPConnection) -> str:
-    """The owner of the sessions a request (HTTP or WebSocket) may touch. Every route passes it
-    on; with API keys it will be derived from the request's key."""
-    return ANONYMOUS
+    """The owner of the sessions a request (HTTP or WebSocket) may touch, as ``service.api.auth``
+    found it from the request's API key. Every route passes it on. Fails closed: with API keys
+    configured, a connection that was never authenticated is ``Unauthorized``, not anonymous."""
+    owner = getattr(connection.state, OWNER_STATE, None)
+    if isinstance(owner, str):
+        return owner
+    if app_state(connection.app).settings.api_keys_file is None:
+        return ANONYMOUS
+    raise Unauthorized("this route was reached without authentication")

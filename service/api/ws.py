@@ -1,5 +1,7 @@
 """WebSocket streaming (docs/websocket.md, README): one connection streams chunks through one session. The
-protocol (messages, replies, close codes) is docs/websocket.md; its framing is ``ws_protocol``."""
+protocol (messages, replies, close codes) is docs/websocket.md; its framing is ``ws_protocol``.
+A ``generate`` message is answered by its token messages and then its ``done``, in its place in
+the reply order; a ``cancel`` message stops the generation it names (it has no reply)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI, WebSocket
 
+from service.api.auth import auth_of, authenticate_websocket
 from service.api.problems import (
     CLOSE_INTERNAL,
     CLOSE_RESTART,
@@ -19,18 +22,30 @@ from service.api.problems import (
     ws_error_message,
     ws_setup_close_code,
 )
-from service.api.state import app_state, owner_of
+from service.api.state import app_state
 from service.api.ws_protocol import (
+    MESSAGE_TYPE,
     Chunk,
     decode_binary,
+    done_message,
     encode_result,
+    generate_call,
     message_size,
     read_text,
     session_message,
     text_chunk,
+    token_message,
 )
 from service.errors import CarryoverError, InvalidInput, PayloadTooLarge
-from service.sessions import ModelContract, SessionInfo, SessionService, StepCall, StepReply
+from service.sessions import (
+    DoneEvent,
+    GenerationStream,
+    ModelContract,
+    SessionInfo,
+    SessionService,
+    StepCall,
+    StepReply,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +77,12 @@ async def stream_new_session(websocket: WebSocket, model: str | None = None) -> 
 # -- one connection ---------------------------------------------------------------------------------
 @dataclass(eq=False)
 class _Item:
-    """One entry of the reply queue: a chunk being stepped, a chunk already rejected, or the close."""
+    """One entry of the reply queue: a chunk being stepped, a generation, a chunk already
+    rejected, or the close."""
 
     chunk: Chunk | None = None
     task: asyncio.Task[StepReply] | None = None
+    generation: asyncio.Task[GenerationStream] | None = None
     error: CarryoverError | None = None
     close: tuple[int, str] | None = None
 
@@ -76,9 +93,7 @@ Opener = Callable[[SessionService, str], Awaitable[SessionInfo]]
 async def _serve(websocket: WebSocket, open_session: Opener) -> None:
     state = app_state(websocket.app)
     settings = state.settings
-    connection = _Connection(
-        websocket, state.session_service(), owner_of(websocket), settings.max_body_bytes, settings.ws_max_in_flight
-    )
+    connection = _Connection(websocket, state.session_service(), settings.max_body_bytes, settings.ws_max_in_flight)
     state.streams.add(connection)
     state.metrics.ws_connections.inc()
     try:
@@ -97,12 +112,11 @@ class _Connection:
     order, send its reply) joined by a queue; a semaphore of ``max_in_flight`` slots, taken before
     each read and given back after each reply, is the backpressure."""
 
-    def __init__(
-        self, websocket: WebSocket, sessions: SessionService, owner: str, max_bytes: int, max_in_flight: int
-    ) -> None:
+    def __init__(self, websocket: WebSocket, sessions: SessionService, max_bytes: int, max_in_flight: int) -> None:
         self.websocket = websocket
         self.sessions = sessions
-        self.owner = owner
+        self.owner = ""  # set by authentication, the first thing ``run`` does
+        self.slot = contextlib.ExitStack()  # the owner's open-stream slot, held until the end
         self.max_bytes = max_bytes
         self.slots = asyncio.Semaphore(max_in_flight)
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
@@ -113,12 +127,15 @@ class _Connection:
         self.writer: asyncio.Task[None] | None = None
         self.stop: tuple[int, str] | None = None  # set once: the close that ends this connection
         self.steps: set[asyncio.Task[StepReply]] = set()
+        self.generations: dict[asyncio.Task[GenerationStream], Any] = {}  # started, not yet answered: id
         self.closed = False
 
     async def run(self, open_session: Opener) -> None:
         try:
             if self.stop is None:
                 try:
+                    self.owner = await authenticate_websocket(self.websocket)
+                    self.slot.enter_context(auth_of(self.websocket).stream_slot(self.owner))
                     info = await open_session(self.sessions, self.owner)
                     self.contract = self.sessions.model(info.model).contract
                 except CarryoverError as e:
@@ -141,6 +158,8 @@ class _Connection:
             log.exception("WebSocket connection failed")
             self.stop = self.stop or (CLOSE_INTERNAL, "internal")
         finally:
+            self._cancel_generations()  # nobody will read them: stop at the next token boundary
+            self.slot.close()
             for task in (self.reader, self.writer, *self.steps):
                 if task is not None:
                     task.cancel()
@@ -154,6 +173,7 @@ class _Connection:
         if self.stop is not None:
             return
         self.stop = (code, reason)
+        self._cancel_generations()  # answered with their tokens so far and a "cancelled" done
         if self.reader is not None:
             self.reader.cancel()
             self.queue.put_nowait(_Item(close=self.stop))
@@ -180,20 +200,37 @@ class _Connection:
                     error = PayloadTooLarge(f"the message is over the limit of {self.max_bytes} bytes")
                     self.queue.put_nowait(_Item(error=error))
                     return False
+                await self.sessions.admit(self.owner)  # the key's rate limit: each chunk is a request
                 item = self._start(message)
+            except CarryoverError as e:  # rate limited, or Redis away: answered, then closed
+                self.queue.put_nowait(_Item(error=e))
+                return False
             except Exception:
                 log.exception("WebSocket chunk could not be started")
                 self.queue.put_nowait(_Item(error=CarryoverError("internal error while reading the message")))
                 return False
+            if item is None:  # a cancel: no reply of its own
+                self.slots.release()
+                continue
             self.queue.put_nowait(item)
 
-    def _start(self, message: Mapping[str, Any]) -> _Item:
+    def _start(self, message: Mapping[str, Any]) -> _Item | None:
         assert self.contract is not None
         text = message.get("text")
         chunk_id = None
         try:
             if text is not None:
                 data, chunk_id = read_text(text)
+                kind = data.get(MESSAGE_TYPE)
+                if kind == "cancel":
+                    self._cancel_generations(chunk_id)
+                    return None
+                if kind == "generate":
+                    return self._start_generation(data, chunk_id)
+                if kind is not None:
+                    raise InvalidInput(
+                        f"unknown message type {kind!r:.40}; types: 'generate', 'cancel', or none (a step)"
+                    )
                 chunk = text_chunk(data, chunk_id)
             else:
                 chunk = decode_binary(self.contract, message.get("bytes") or b"")
@@ -203,6 +240,20 @@ class _Connection:
         self.steps.add(task)
         task.add_done_callback(self._step_done)
         return _Item(chunk=chunk, task=task)
+
+    def _start_generation(self, data: dict[str, Any], chunk_id: Any) -> _Item:
+        call = generate_call(data)  # InvalidInput: answered in its place
+        task = asyncio.create_task(self.sessions.generate(self.session_id, call, owner=self.owner))
+        self.generations[task] = chunk_id
+        task.add_done_callback(_retrieve)
+        return _Item(chunk=Chunk(StepCall({}), id=chunk_id), generation=task)
+
+    def _cancel_generations(self, chunk_id: Any = None) -> None:
+        """Cancel the started generations (those with ``chunk_id``, when given) at their next
+        token boundary; one not yet running is cancelled as soon as it has started."""
+        for task, started_id in list(self.generations.items()):
+            if chunk_id is None or started_id == chunk_id:
+                task.add_done_callback(_cancel_stream)
 
     def _step_done(self, task: asyncio.Task[StepReply]) -> None:
         self.steps.discard(task)
@@ -224,8 +275,14 @@ class _Connection:
             try:
                 if item.error is not None:
                     raise item.error
-                assert item.task is not None
-                reply: str | bytes = encode_result(chunk, await item.task, self.contract)
+                if item.generation is not None:
+                    done = await self._stream(item.generation, chunk.id)
+                    if done is None:
+                        return  # the client is gone
+                    reply: str | bytes = done
+                else:
+                    assert item.task is not None
+                    reply = encode_result(chunk, await item.task, self.contract)
             except CarryoverError as e:
                 reply = ws_error_message(e, chunk.id)
                 if (code := ws_close_code(e)) is not None:
@@ -238,6 +295,23 @@ class _Connection:
                 return
             self.slots.release()
 
+    async def _stream(self, task: asyncio.Task[GenerationStream], chunk_id: Any) -> str | None:
+        """Send a generation's token messages; its done message to send, or None if the client
+        went away (the generation then stops at the next token boundary)."""
+        try:
+            stream = await task
+            try:
+                async for event in stream:
+                    if isinstance(event, DoneEvent):
+                        return done_message(event, chunk_id)
+                    if not await self._send(token_message(event, chunk_id)):
+                        return None
+            finally:
+                stream.cancel()
+        finally:
+            self.generations.pop(task, None)
+        raise CarryoverError("the generation ended without a done event")
+
     async def _send(self, data: str | bytes) -> bool:
         """Send one frame; False when the client is gone."""
         try:
@@ -249,3 +323,13 @@ class _Connection:
             log.debug("WebSocket send failed: the client is gone", exc_info=True)
             return False
         return True
+
+
+def _retrieve(task: asyncio.Task[GenerationStream]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved here too: a generation whose reply was cut short is not a leak
+
+
+def _cancel_stream(task: asyncio.Task[GenerationStream]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().cancel()

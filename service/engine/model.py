@@ -14,6 +14,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -116,6 +117,26 @@ class RecurrentModel:
         )
         if warm_up:
             self._warm_up()
+
+    def describe(self, name: str, *, default: bool) -> dict[str, Any]:
+        """What ``GET /v1/models`` says about this model, served as ``name``."""
+        c = self.contract
+        entry: dict[str, Any] = {
+            "name": name,
+            "fingerprint": self.fingerprint,
+            "kind": c.kind,
+            "form": c.form,
+            "provider": self.provider,
+            "default": default,
+            "inputs": [t.describe() for t in c.inputs],
+            "outputs": [t.describe() for t in c.outputs],
+            "states": [s.describe() for s in c.states],
+        }
+        if c.kind == "token_lm":
+            vocab = c.vocab or ()
+            entry["vocab"] = "".join(vocab) if all(len(v) == 1 for v in vocab) else list(vocab)
+            entry["unk_id"] = c.unk_id
+        return entry
 
     def _session(self, model: str | onnx.ModelProto, providers: list[str]) -> ort.InferenceSession:
         source = model if isinstance(model, str) else model.SerializeToString()

@@ -14,6 +14,10 @@ the result back, ``RecurrentModel`` runs it, and ``SessionStore`` keeps the stat
 * Pipelining: while batch k runs in the device thread, batch k+1 is gathered and its states
   loaded (one Redis round trip); batch k's write (one round trip, CAS per session) overlaps
   with batch k+1's run.
+* Generations (continuous batching, ``generation.py``): a generation's row re-enters the queue
+  at its back after every iteration with its next token as input, its state in memory and its
+  base the record it just wrote; its session's other requests wait until it ends. Every batch
+  writes its generations' iterations, then samples their next tokens in one vectorised call.
 """
 
 from __future__ import annotations
@@ -25,14 +29,15 @@ import itertools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 
 from service.config import Settings
-from service.engine.batch import chunk_steps, join_chunks, pad_batch, split_chunks, unpad_rows
+from service.engine.batch import StepReply, StepRequest, join_chunks, pad_batch, split_chunks, unpad_rows
 from service.engine.buckets import padding_ratio, plan_buckets
 from service.engine.cas import MAX_ATTEMPTS
+from service.engine.generation import Generation, advance, first_inputs
 from service.engine.model import BatchResult, RecurrentModel
 from service.engine.tensors import pack_arrays, states_from_bytes, states_to_bytes, unpack_arrays
 from service.errors import (
@@ -46,49 +51,11 @@ from service.errors import (
     StoreUnavailable,
 )
 from service.metrics import Metrics
-from service.store.store import SessionRecord, SessionStore, WriteOutcome
+from service.store.store import SessionStore, WriteOutcome
 
 log = logging.getLogger(__name__)
+__all__ = ["Scheduler", "StepReply", "StepRequest"]
 PIPELINE_DEPTH = 2  # batches between gather and write: one on the device, one being prepared
-
-
-@dataclass(frozen=True)
-class StepReply:
-    session_id: str
-    step: int  # the session's step count after this request
-    outputs: dict[str, np.ndarray]  # [T, ...] per output
-    replay: bool = False
-
-
-@dataclass(eq=False)
-class StepRequest:
-    """One validated step request; ``chunks`` are its inputs cut at ``max_chunk`` steps."""
-
-    session_id: str
-    owner: str
-    chunks: list[dict[str, np.ndarray]]
-    expected_step: int | None
-    digest: str
-    future: asyncio.Future[StepReply]
-    arrival: int = 0  # key in the scheduler's queue
-    next_chunk: int = 0
-    base: SessionRecord | None = None  # the record as loaded before chunk 0
-    states: dict[str, np.ndarray] = field(default_factory=dict)  # after the chunks applied so far
-    outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
-    attempts: int = 0
-
-    @property
-    def total_steps(self) -> int:
-        return sum(chunk_steps(c) for c in self.chunks)
-
-    @property
-    def chunk_steps(self) -> int:
-        return chunk_steps(self.chunks[self.next_chunk])
-
-    def restart(self) -> None:
-        """Forget progress: nothing of it was written, so the request runs again from Redis."""
-        self.next_chunk, self.base, self.states, self.outputs = 0, None, {}, []
-        self.attempts += 1
 
 
 class Scheduler:
@@ -103,6 +70,7 @@ class Scheduler:
         self._queue: dict[int, StepRequest] = {}  # arrival order
         self._arrivals = itertools.count()
         self._in_flight: set[str] = set()
+        self._generating: dict[str, StepRequest] = {}  # session -> its running generation's row
         self._changed = asyncio.Event()
         self._device = asyncio.Lock()
         self._slots = asyncio.Semaphore(PIPELINE_DEPTH)
@@ -113,14 +81,19 @@ class Scheduler:
         self.batches = 0  # counters for benchmarks and tests
         self.model_calls = 0
         self.call_shapes: collections.deque[tuple[int, int]] = collections.deque(maxlen=100_000)  # (B, T)
+        self.generation_rows: collections.deque[int] = collections.deque(maxlen=100_000)  # per batch
 
     # -- public -----------------------------------------------------------------------------
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._run(), name=f"scheduler-{self.name}")
 
     async def stop(self, timeout_s: float = 30.0) -> None:
-        """Stop accepting; finish what is queued and in flight (their writes included)."""
+        """Stop accepting; finish what is queued and in flight (their writes included); running
+        generations stop at their next token boundary (``cancelled``)."""
         self._stopping = True
+        for r in self._queue.values():  # generations end at their next token boundary
+            if r.generation is not None:
+                r.generation.cancel()
         self._changed.set()
         if self._loop_task is not None:
             with contextlib.suppress(asyncio.TimeoutError):
@@ -137,17 +110,25 @@ class Scheduler:
         return len(self._queue)
 
     def submit(
-        self, session_id: str, owner: str, inputs: dict[str, np.ndarray], expected_step: int | None, digest: str
+        self,
+        session_id: str,
+        owner: str,
+        inputs: dict[str, np.ndarray],
+        expected_step: int | None,
+        digest: str,
+        generation: Generation | None = None,
     ) -> asyncio.Future[StepReply]:
-        """Queue a validated request; the future resolves after its write succeeded."""
+        """Queue a validated request; the future resolves after its write succeeded (for a
+        ``generation``, after its last iteration: its tokens arrive on ``generation.events``)."""
         if self._stopping:
             raise ShuttingDown("the server is shutting down", retry_after=1)
         if len(self._queue) >= self.settings.max_queue:
             raise Overloaded(f"{len(self._queue)} requests are queued for model {self.name!r}", retry_after=1)
         future: asyncio.Future[StepReply] = asyncio.get_running_loop().create_future()
-        request = StepRequest(
-            session_id, owner, split_chunks(inputs, self.settings.max_chunk), expected_step, digest, future
-        )
+        chunks = split_chunks(inputs, self.settings.max_chunk)
+        request = StepRequest(session_id, owner, chunks, expected_step, digest, future, generation=generation)
+        if generation is not None:
+            generation.prompt_chunks = chunks
         request.arrival = next(self._arrivals)
         self._queue[request.arrival] = request
         self._gauge()
@@ -163,6 +144,8 @@ class Scheduler:
             if r.future.done():  # the client went away: nothing of it was written, drop it
                 del self._queue[key]
                 continue
+            if self._generating.get(r.session_id, r) is not r:
+                continue  # the session's generation goes first, however often it re-enters the queue
             if r.session_id in seen or r.session_id in self._in_flight:
                 seen.add(r.session_id)  # a session's later requests wait for its earlier ones
                 continue
@@ -195,6 +178,7 @@ class Scheduler:
                     rows = self._eligible()
             if rows:
                 self._in_flight.update(r.session_id for r in rows)
+                self._generating.update((r.session_id, r) for r in rows if r.generation is not None)
                 return rows
             if self._stopping and not self._queue and all(t.done() for t in self._tasks):
                 return None
@@ -214,14 +198,16 @@ class Scheduler:
     # -- one batch --------------------------------------------------------------------------
     async def _process(self, batch: list[StepRequest]) -> None:
         try:
-            runnable = [r for r in batch if r.next_chunk > 0] + await self._admit(
-                [r for r in batch if r.next_chunk == 0]
+            runnable = [r for r in batch if r.base is not None] + await self._admit(
+                [r for r in batch if r.base is None]
             )
+            runnable = [r for r in runnable if not self._cancelled(r)]
+            self.generation_rows.append(sum(r.generation is not None for r in runnable))
             if runnable:
                 await self._run_model(runnable)
             finals = [r for r in runnable if not r.future.done() and r.next_chunk == len(r.chunks)]
             if finals:
-                await self._write(finals)
+                self._advance(await self._write(finals))
         except Exception as e:  # a bug or a model failure: fail this batch, keep serving
             log.exception("batch failed")
             for r in batch:
@@ -276,7 +262,18 @@ class Scheduler:
                     continue
                 r.base = rec
                 admitted.append(r)
-        return admitted
+        return self._first_tokens(admitted)
+
+    def _first_tokens(self, admitted: list[StepRequest]) -> list[StepRequest]:
+        """Generations with an empty prompt start from the session's stored last prediction."""
+        starting = [r for r in admitted if r.generation is not None and not r.chunks]
+        replies = [r.base.last_prediction if r.base else b"" for r in starting]
+        for r, first in zip(starting, first_inputs([r.generation for r in starting], replies), strict=True):
+            if isinstance(first, CarryoverError):
+                self._fail(r, first)
+            else:
+                r.chunks = [first]
+        return [r for r in admitted if not r.future.done()]
 
     async def _replay(self, r: StepRequest) -> None:
         """The request was already applied (its reply was lost): answer with the stored outputs."""
@@ -326,8 +323,9 @@ class Scheduler:
         batch = pad_batch(self.model.contract, [r.chunks[r.next_chunk] for r in rows], [r.states for r in rows])
         return self.model.run(batch.inputs, batch.mask, batch.states)
 
-    async def _write(self, finals: list[StepRequest]) -> None:
-        """One pipelined round trip; each session's write is a CAS on the revision it was read at."""
+    async def _write(self, finals: list[StepRequest]) -> list[StepRequest]:
+        """One pipelined round trip; each session's write is a CAS on the revision it was read at.
+        Returns the generations whose iteration landed (their base is now the written record)."""
         now = time.time()
         writes = []
         replies = []
@@ -342,6 +340,7 @@ class Scheduler:
                 updated_at=now,
                 last_digest=r.digest if r.expected_step is not None else "",
                 last_reply=self._replay_copy(r, outputs),
+                last_prediction=self._prediction(outputs),
                 expires_in=None,
             )
             writes.append((record, r.base.revision))
@@ -353,22 +352,61 @@ class Scheduler:
         except StoreUnavailable as e:
             for r in finals:  # the write may or may not have landed: a retry with `step` tells
                 self._fail(r, e)
-            return
-        for r, reply, outcome in zip(finals, replies, outcomes, strict=True):
+            return []
+        landed = []
+        for r, reply, (record, _), outcome in zip(finals, replies, writes, outcomes, strict=True):
             if outcome is WriteOutcome.OK:
                 if self.metrics:
                     self.metrics.steps.labels(self.name).inc(r.total_steps)
-                self._resolve(r, reply)
+                if r.generation is None:
+                    self._resolve(r, reply)
+                else:
+                    r.base = record
+                    landed.append(r)
             elif outcome is WriteOutcome.MISSING:
                 self._fail(r, SessionNotFound(f"session {r.session_id!r} was deleted"))
+            elif r.generation is not None and r.generation.started:  # tokens were streamed: no rerun
+                self._fail(r, StepConflict(f"session {r.session_id!r} was changed by another writer mid-generation"))
             elif r.attempts + 1 >= MAX_ATTEMPTS:
                 self._fail(r, StepConflict(f"session {r.session_id!r} kept changing under this request"))
             else:  # another writer won the CAS: nothing of ours landed, run again from its state
                 if self.metrics:
                     self.metrics.cas_conflicts.labels(self.name).inc()
                 r.restart()
+        return landed
+
+    # -- generations ------------------------------------------------------------------------
+    def _advance(self, landed: list[StepRequest]) -> None:
+        """Stream what each generation's iteration applied; those that go on get their next token
+        (sampled in one vectorised call) and queue again, at the back."""
+        steps = [r.base.step if r.base else 0 for r in landed]
+        nexts = advance([r.generation for r in landed], steps, [r.outputs[-1] for r in landed])
+        for r, step, chunk in zip(landed, steps, nexts, strict=True):
+            if chunk is None:
+                self._resolve(r, StepReply(r.session_id, step, {}))
+                continue
+            r.chunks, r.next_chunk, r.outputs = [chunk], 0, []
+            self._queue.pop(r.arrival, None)
+            r.arrival = next(self._arrivals)
+            self._queue[r.arrival] = r
+
+    def _cancelled(self, r: StepRequest) -> bool:
+        """A generation cancelled between iterations ends here, at its last token boundary."""
+        if r.generation is None or not r.generation.cancelled or r.base is None:
+            return False
+        r.generation.finish("cancelled", r.base.step)
+        self._resolve(r, StepReply(r.session_id, r.base.step, {}))
+        return True
 
     # -- helpers ----------------------------------------------------------------------------
+    def _prediction(self, outputs: dict[str, np.ndarray]) -> bytes:
+        """A token LM's last prediction (its first output's last timestep), kept in the record for a
+        generation that continues without a prompt; other models keep none."""
+        if self.model.contract.kind != "token_lm" or not self.model.contract.outputs:
+            return b""
+        name = self.model.contract.outputs[0].name
+        return pack_arrays({name: outputs[name][-1:]})
+
     def _replay_copy(self, r: StepRequest, outputs: dict[str, np.ndarray]) -> bytes:
         """The outputs kept for a retry: only for requests with ``step`` (no other can be replayed)
         and only up to ``replay_max_bytes`` (b"": none kept, the save deletes an older copy)."""
@@ -388,6 +426,8 @@ class Scheduler:
 
     def _forget(self, r: StepRequest) -> None:
         self._queue.pop(r.arrival, None)
+        if self._generating.get(r.session_id) is r:
+            del self._generating[r.session_id]
 
     def _gauge(self) -> None:
         if self.metrics:

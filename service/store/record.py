@@ -4,7 +4,8 @@ Layout: key ``carryover:{<session_id>}:s`` (the hash tag keeps a session's keys 
 slot), one hash whose fields are ``revision`` and ``ttl_s`` (read by the scripts), ``meta`` (one
 JSON object with the other scalar fields), the state tensors as raw bytes in fields ``s0``,
 ``s1``, … in declared order, and ``w``, a random token naming the write that produced it (see
-``scripts.SAVE``). The last request's outputs, for an idempotent replay, live apart under
+``scripts.SAVE``); for token LMs ``p``, the last prediction (what generation continues from).
+The last request's outputs, for an idempotent replay, live apart under
 ``carryover:{<session_id>}:r`` (a string with a short TTL, the retry window), so a session's
 memory is its state, not its last reply.
 
@@ -54,6 +55,9 @@ class SessionRecord:
     # Opaque serialized outputs of the last applied request, for a replay: not a hash field but its
     # own key; written by ``save`` (b"": none kept), read only by ``load(with_reply=True)``.
     last_reply: bytes = b""
+    # A token LM's prediction after the last consumed token (its first output's last timestep,
+    # packed): what a generation with an empty prompt continues from. Hash field ``p``, small.
+    last_prediction: bytes = b""
     expires_in: float | None = None  # filled on reads from PTTL, seconds
 
 
@@ -71,9 +75,8 @@ Loaded = SessionRecord | SessionCorrupt | None
 # field, because redis-py packs every command argument in Python and a batch write has
 # max_batch_size commands: fewer arguments per record is measurably faster (bench/engine.py).
 _META = ("session_id", "model", "fingerprint", "step", "owner", "created_at", "updated_at", "last_digest")
-assert {*_META, "revision", "ttl_s", "states", "last_reply", "expires_in"} == {f.name for f in fields(SessionRecord)}, (
-    "every SessionRecord field must be stored"
-)
+_APART = ("revision", "ttl_s", "states", "last_reply", "last_prediction", "expires_in")
+assert {*_META, *_APART} == {f.name for f in fields(SessionRecord)}, "every SessionRecord field must be stored"
 
 
 def check(record: SessionRecord) -> None:
@@ -93,6 +96,8 @@ def encode(record: SessionRecord) -> list[bytes | str]:
         "meta",
         meta,
     ]
+    if record.last_prediction:
+        flat += ("p", record.last_prediction)
     for i, state in enumerate(record.states):
         flat += (f"s{i}", bytes(state))
     return flat
@@ -124,6 +129,7 @@ def decode(key: str, reply: object) -> SessionRecord | SessionCorrupt | None:
             ttl_s=int(h[b"ttl_s"]),
             last_digest=str(meta["last_digest"]),
             last_reply=replay if isinstance(replay, bytes) else b"",
+            last_prediction=bytes(h.get(b"p", b"")),
             expires_in=int(pttl_ms) / 1000 if int(pttl_ms) >= 0 else None,
         )
     except (KeyError, ValueError, TypeError, orjson.JSONDecodeError) as e:

@@ -13,6 +13,7 @@ as corrupt; a replay key of another type reads as no copy), ``create`` finds the
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 # ARGV: ttl_ms, write token, field, value, ...
@@ -91,3 +92,6 @@ class Script:
 
 
 SCRIPTS = {s.name: s for s in (Script.of("create", CREATE), Script.of("save", SAVE), Script.of("load", LOAD))}
+
+# One scripted call as the store pipelines it: the script, its KEYS (all in one cluster slot), ARGV.
+Call = tuple[Script, tuple[str, ...], Sequence[bytes | str | int]]

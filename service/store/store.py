@@ -32,8 +32,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import NoScriptError, ResponseError
 
-from service.errors import StoreUnavailable
+from service.errors import StoreUnavailable, TooManySessions
 from service.store import cluster as cl
+from service.store import counting
+from service.store.limits import LIMIT_SCRIPTS, take_call
 from service.store.packing import connection_class
 from service.store.record import (
     KEY_PATTERN,
@@ -46,13 +48,13 @@ from service.store.record import (
     replay_key,
     session_key,
 )
-from service.store.scripts import SCRIPTS, Script
+from service.store.scripts import SCRIPTS, Call
 from service.store.translate import RETRY_ON, is_unavailable_reply, translated, unavailable
 
 # SessionRecord, WriteOutcome and session_key are re-exported for callers that import them from here.
 __all__ = ["SCHEMES", "Loaded", "SessionRecord", "SessionStore", "WriteOutcome", "session_key"]
 SCHEMES = ("redis://", "rediss://", "unix://")
-_Call = tuple[Script, Sequence[str], Sequence[bytes | str | int]]
+ALL_SCRIPTS = {**SCRIPTS, **counting.COUNTING_SCRIPTS, **LIMIT_SCRIPTS}
 _OUTCOMES = {1: WriteOutcome.OK, 0: WriteOutcome.CONFLICT, -1: WriteOutcome.MISSING}
 
 
@@ -119,10 +121,22 @@ class SessionStore:
             else:
                 await self._redis.ping()
 
-    async def create(self, record: SessionRecord) -> bool:
+    async def create(self, record: SessionRecord, *, max_sessions: int = 0, max_per_owner: int = 0) -> bool:
         """Create iff the key does not exist (False if it does). ``revision`` is stored as given;
-        a new session has no replay copy (``last_reply`` is not written)."""
+        a new session has no replay copy (``last_reply`` is not written).
+
+        The session is counted first (``counting``): ``TooManySessions`` if the store already
+        holds ``max_sessions`` live sessions or the owner ``max_per_owner`` (0 = no limit)."""
         check(record)
+        reserve = counting.reserve_call(record.owner, record.session_id, record.ttl_s, max_sessions, max_per_owner)
+        [reserved] = await self._run([reserve])
+        if reserved < 0:  # full, unless due members have expired meanwhile: reconcile, ask again
+            await self.count_sessions(record.owner)
+            [reserved] = await self._run([reserve])
+        if reserved == counting.SERVER_FULL:
+            raise TooManySessions(f"the server holds its limit of {max_sessions} sessions")
+        if reserved == counting.OWNER_FULL:
+            raise TooManySessions(f"this API key holds its limit of {max_per_owner} sessions")
         args = [record.ttl_s * 1000, secrets.token_hex(8), *encode(record)]
         [created] = await self._run([(SCRIPTS["create"], (session_key(record.session_id),), args)])
         return bool(created)
@@ -135,7 +149,7 @@ class SessionStore:
         then only while it is kept (see ``save``). Raises only for the whole batch
         (``StoreUnavailable``).
         """
-        calls: list[_Call] = [
+        calls: list[Call] = [
             (SCRIPTS["load"], (session_key(i), replay_key(i)) if with_reply else (session_key(i),), ()) for i in ids
         ]
         replies = await self._run(calls)
@@ -152,7 +166,7 @@ class SessionStore:
         ``replay_window_s`` seconds, or deleted when ``last_reply`` is empty.
         """
         window_ms = max(1, round(replay_window_s * 1000))
-        calls: list[_Call] = []
+        calls: list[Call] = []
         for record, expected in writes:
             check(record)
             if record.revision != expected + 1:
@@ -172,14 +186,28 @@ class SessionStore:
             calls.append((SCRIPTS["save"], (session_key(record.session_id), replay_key(record.session_id)), args))
         return [_OUTCOMES[int(r)] for r in await self._run(calls)]
 
-    async def delete(self, session_id: str) -> bool:
-        """Delete the session's key, whatever it holds (a corrupt record too). False if absent."""
-        async with self._op():
-            return bool(await self._redis.delete(session_key(session_id)))
+    async def delete(self, session_id: str, owner: str = "") -> bool:
+        """Delete the session's key, whatever it holds (a corrupt record too), and uncount it
+        (``owner``: the record's), in one round trip. False if absent."""
+        delete = (counting.COUNTING_SCRIPTS["key_delete"], (session_key(session_id),), ())
+        deleted, _ = await self._run([delete, counting.release_call(owner, session_id)])
+        return bool(deleted)
+
+    async def count_sessions(self, owner: str = "") -> counting.Tally:
+        """Live sessions, of the store and of ``owner``, from the index (O(1) plus the expired
+        ones reconciled since the last count; see ``counting``)."""
+        return await counting.tally(self._run, owner, session_key)
+
+    async def take_token(self, owner: str, rate: float, burst: int) -> float:
+        """Take a token from ``owner``'s request bucket (``limits``): 0.0 if taken, else the
+        seconds until one is back. Atomic in Redis, so one bucket serves every replica."""
+        [(taken, wait_ms)] = await self._run([take_call(owner, rate, burst)])
+        return 0.0 if taken else int(wait_ms) / 1000
 
     async def count(self) -> int:
         """Number of session keys, by SCAN (O(all keys), one round trip per 1000 keys scanned); in a
-        cluster, SCAN of every primary, the primaries in parallel."""
+        cluster, SCAN of every primary, the primaries in parallel. An audit of the index that
+        ``count_sessions`` reads: never on a request path."""
         if isinstance(self._redis, RedisCluster):
             async with self._op(trips=0):  # count_keys counts its SCAN pages
                 return await cl.count_keys(self._redis, KEY_PATTERN, self._sent)
@@ -224,20 +252,20 @@ class SessionStore:
     async def _load_scripts(self) -> None:
         if isinstance(self._redis, RedisCluster):
             async with self._op(trips=0):  # load_scripts counts one round trip per script
-                shas = await cl.load_scripts(self._redis, SCRIPTS.values(), self._sent)
+                shas = await cl.load_scripts(self._redis, ALL_SCRIPTS.values(), self._sent)
         else:
             async with self._op():
                 pipe = self._redis.pipeline(transaction=False)
-                for script in SCRIPTS.values():
+                for script in ALL_SCRIPTS.values():
                     pipe.script_load(script.source)
                 shas = await pipe.execute()
-        for script, reply in zip(SCRIPTS.values(), shas, strict=True):
+        for script, reply in zip(ALL_SCRIPTS.values(), shas, strict=True):
             # A cluster's reply is one SHA, or per node ({node name: sha}) in some redis-py versions.
             for sha in reply.values() if isinstance(reply, dict) else (reply,):
                 if (sha.decode() if isinstance(sha, bytes) else sha) != script.sha:
                     raise RuntimeError(f"Redis hashed script {script.name!r} to {sha!r}, not {script.sha}")
 
-    async def _run(self, calls: Sequence[_Call]) -> list[Any]:
+    async def _run(self, calls: Sequence[Call]) -> list[Any]:
         """EVALSHA every call in one pipeline; after NOSCRIPT, load the scripts and re-send only the
         refused calls (which did nothing). Returns the replies in order."""
         replies: list[Any] = [None] * len(calls)
@@ -254,7 +282,7 @@ class SessionStore:
                 for i in pending:
                     script, keys, args = calls[i]
                     # execute_command, not pipe.evalsha: redis-py's cluster pipeline blocks the evalsha
-                    # method (redis-py #2914) but routes a queued EVALSHA by its key like any command.
+                    # method (redis-py #2914) but routes a queued EVALSHA by its keys like any command.
                     pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
                 results = await pipe.execute(raise_on_error=False)
             refused = []

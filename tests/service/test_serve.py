@@ -233,6 +233,7 @@ def test_start_errors_are_one_line_and_exit_code_1(tmp_path: Path) -> None:
             f"cannot listen on 127.0.0.1:{port}: Address already in use": ["--port", str(port)],
             "cannot use Redis at redis://127.0.0.1:1/0: ": ["--redis-url", "redis://127.0.0.1:1/0"],
             "model lm: no such file /no/such/model.onnx": ["--model", "lm=/no/such/model.onnx"],
+            "cannot load API keys from /no/such/keys.txt": ["--api-keys-file", "/no/such/keys.txt"],
         }
         for message, args in cases.items():
             args = ["--port", str(free_port()), *args] if args[0] != "--port" else args

@@ -3,6 +3,7 @@ Every rejection must leave the session's step and state byte-identical."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
 from pathlib import Path
@@ -18,6 +19,7 @@ from service.errors import (
     InvalidInput,
     ModelMismatch,
     ModelNotFound,
+    RateLimited,
     SessionExists,
     SessionNotFound,
     TooManySessions,
@@ -239,6 +241,60 @@ async def test_max_sessions(redis_url: str, loaded: dict[str, RecurrentModel]) -
         with pytest.raises(TooManySessions) as info:
             await engine.create()
         assert info.value.status == 429
+
+
+async def test_counts_across_create_delete_fork_expiry_and_replicas(
+    redis_url: str, loaded: dict[str, RecurrentModel]
+) -> None:
+    """O(1) counting (the store's index): exact across every path that adds or removes a session,
+    and the same from two SessionService instances (replicas) on one Redis."""
+    models = {"gru": loaded["gru_stacked"]}
+    async with running_engine(redis_url, models) as a, running_engine(redis_url, models) as b:
+        x = await a.create(owner="alice")
+        await b.create(owner="alice", ttl_s=1)
+        await b.create(owner="bob", session_id="mine")
+        assert await a.count("alice") == (3, 2) and await b.count("bob") == (3, 1)
+        await b.create(owner="alice", fork_from=x.session_id)
+        with pytest.raises(SessionNotFound):  # another owner's session cannot be forked
+            await b.create(owner="bob", fork_from=x.session_id)
+        assert await a.count("alice") == (4, 3)
+        await b.delete(x.session_id, owner="alice")
+        with pytest.raises(SessionNotFound):
+            await a.delete("mine", owner="alice")  # bob's: absent for alice, not uncounted
+        assert await a.count("alice") == (3, 2)
+        await asyncio.sleep(1.2)  # the 1 s session expires
+        assert await b.count("alice") == (2, 1) and await a.count("bob") == (2, 1)
+
+
+async def test_max_sessions_per_key(redis_url: str, loaded: dict[str, RecurrentModel]) -> None:
+    models = {"gru": loaded["gru_stacked"]}
+    async with (
+        running_engine(redis_url, models, max_sessions_per_key=2) as a,
+        running_engine(redis_url, models, max_sessions_per_key=2) as b,
+    ):
+        first = await a.create(owner="alice")
+        await b.create(owner="alice")
+        with pytest.raises(TooManySessions, match="API key holds its limit of 2") as info:
+            await a.create(owner="alice")
+        assert (info.value.status, info.value.retry_after) == (429, 1.0)
+        with pytest.raises(TooManySessions):  # the other replica sees the same count
+            await b.create(owner="alice", fork_from=first.session_id)
+        await b.create(owner="bob")
+        await b.delete(first.session_id, owner="alice")
+        await a.create(owner="alice")
+
+
+async def test_admit_is_a_rate_limit_per_owner(redis_url: str, loaded: dict[str, RecurrentModel]) -> None:
+    async with running_engine(redis_url, {"gru": loaded["gru_stacked"]}, rate_limit_rps=1, rate_limit_burst=2) as e:
+        await e.admit("alice")
+        await e.admit("alice")
+        with pytest.raises(RateLimited) as info:
+            await e.admit("alice")
+        assert info.value.status == 429 and 0 < (info.value.retry_after or 0) <= 1
+        await e.admit("bob")
+    async with running_engine(redis_url, {"gru": loaded["gru_stacked"]}) as off:
+        for _ in range(10):
+            await off.admit("alice")  # rate_limit_rps 0: no limit, no Redis call
 
 
 async def test_embedded_redis_persists_across_engine_restarts(

@@ -594,6 +594,7 @@ async def test_openapi_documents_every_route(client: httpx.AsyncClient) -> None:
         ("/v1/sessions/{session_id}", "get"): "getSession",
         ("/v1/sessions/{session_id}", "delete"): "deleteSession",
         ("/v1/sessions/{session_id}/step", "post"): "stepSession",
+        ("/v1/sessions/{session_id}/generate", "post"): "generate",
         ("/v1/sessions/{session_id}/reset", "post"): "resetSession",
         ("/v1/sessions/{session_id}/state", "get"): "exportState",
         ("/v1/sessions/{session_id}/state", "put"): "importState",
