@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="request body / WebSocket message limit (413 / close 1009)"
     )
+    ws_compression: bool = Field(
+        False, description="permessage-deflate on WebSocket frames (less bandwidth, much more CPU per frame)"
+    )
     ws_max_in_flight: int = Field(8, ge=1, description="pipelined chunks per WebSocket connection")
 
     def model_paths(self) -> dict[str, Path]:
