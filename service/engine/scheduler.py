@@ -228,6 +228,10 @@ class Scheduler:
             return []
         try:
             started = time.perf_counter()
+            if self.metrics:
+                wait = self.metrics.queue_wait.labels(self.name)
+                for r in fresh:
+                    wait.observe(started - r.queued_at)
             records = await self.store.load([r.session_id for r in fresh])
             self._observe_redis("load", started)
         except StoreUnavailable as e:

@@ -662,6 +662,12 @@ async def test_metrics_by_route_template_and_batches(client: httpx.AsyncClient) 
     assert value("carryover_batch_rows_count", model="gru") >= 2
     assert value("carryover_batch_padding_ratio_count", model="gru") >= 2
     assert value("carryover_redis_seconds_count", op="load") >= 2
+    # The per-stage breakdown: queue wait, Redis read/write, model run, serialisation.
+    assert value("carryover_queue_wait_seconds_count", model="gru") >= 2
+    assert value("carryover_redis_seconds_count", op="save") >= 2
+    assert value("carryover_model_run_seconds_count", model="gru") >= 2
+    assert value("carryover_serialization_seconds_count", transport="http") >= 2
+    assert ("carryover_serialization_seconds_count", (("transport", "ws"),)) in samples
     names = {name for name, _ in samples}
     assert {"carryover_queue_depth", "carryover_sessions", "carryover_websocket_connections"} <= names
     assert ("carryover_queue_depth", (("model", "lstm_step"),)) in samples  # every model, even before its first batch
