@@ -98,13 +98,22 @@ class Settings(BaseSettings):
     bucket_overhead_tokens: int = Field(
         256, ge=0, description="padding worth one extra model call when bucketing by length"
     )
-    max_body_bytes: int = Field(
-        8 * 1024 * 1024, ge=1024, description="request body / WebSocket message limit (413 / close 1009)"
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="HTTP request body limit (413)")
+    ws_max_message_bytes: int | None = Field(
+        None, ge=1024, description="WebSocket message limit (error, then close 1009); unset = max_body_bytes"
     )
     ws_compression: bool = Field(
         False, description="permessage-deflate on WebSocket frames (less bandwidth, much more CPU per frame)"
     )
     ws_max_in_flight: int = Field(8, ge=1, description="pipelined chunks per WebSocket connection")
+    ws_idle_timeout_s: float = Field(
+        300.0, gt=0, description="a WebSocket that sends nothing this long, with no chunk in flight, is closed 4408"
+    )
+
+    @property
+    def ws_message_limit(self) -> int:
+        """Bytes of one WebSocket message (``ws_max_message_bytes``, else ``max_body_bytes``)."""
+        return self.ws_max_message_bytes or self.max_body_bytes
 
     def model_paths(self) -> dict[str, Path]:
         """``{name: path}`` of the served models, in order (a bare PATH is named by its stem)."""

@@ -24,6 +24,8 @@ from service.config import Settings
 from service.engine.cas import rewrite
 from service.engine.contract import ModelContract
 from service.engine.generation import (
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
     DoneEvent,
     GenerateCall,
     GenerationStream,
@@ -34,7 +36,7 @@ from service.engine.generation import (
 from service.engine.model import RecurrentModel
 from service.engine.scheduler import Scheduler, StepReply
 from service.engine.tensors import initial_state_bytes, request_digest, states_to_bytes
-from service.engine.validation import validate_inputs
+from service.engine.validation import integral, validate_inputs
 from service.errors import (
     InvalidInput,
     ModelMismatch,
@@ -50,6 +52,8 @@ from service.state_file import read_state_file, write_state_file
 from service.store.store import SessionRecord, SessionStore
 
 __all__ = [
+    "MAX_STOP_CHARS",
+    "MAX_STOP_STRINGS",
     "MAX_TTL_S",
     "SESSION_ID",
     "DoneEvent",
@@ -62,6 +66,7 @@ __all__ = [
     "StepReply",
     "TokenEvent",
     "checked_step",
+    "integral",
     "is_session_id",
     "parse_generate",
     "parse_step",
@@ -83,7 +88,9 @@ def is_session_id(value: object) -> bool:
 
 
 def checked_step(value: object) -> int | None:
-    """The ``step`` of a request: ``None`` (arrival order) or a non-negative int (``bool`` is not)."""
+    """The ``step`` of a request: ``None`` (arrival order) or a non-negative int (``bool`` is not;
+    ``3.0`` is 3)."""
+    value = integral(value)
     if value is None:
         return None
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -93,6 +100,7 @@ def checked_step(value: object) -> int | None:
 
 def checked_ttl(value: object, default: int) -> int:
     """Seconds without access before a session expires: an int in [1, ``MAX_TTL_S``]."""
+    value = integral(value)
     if value is None:
         return default
     if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_TTL_S:
@@ -110,7 +118,7 @@ class StepCall:
     expected_step: int | None = None
 
     def __post_init__(self) -> None:
-        checked_step(self.expected_step)
+        object.__setattr__(self, "expected_step", checked_step(self.expected_step))
 
 
 def parse_step(body: object, *, transport_fields: frozenset[str] = frozenset()) -> StepCall:

@@ -124,7 +124,7 @@ async def list_models(request: Request) -> Response:
     response_model=SessionCreated,
     responses={
         201: {"headers": {"Location": {"description": "the session's URL", "schema": {"type": "string"}}}},
-        **error_responses(400, 404, 409, 413, 415, 422, 429, 503),
+        **error_responses(400, 404, 409, 413, 415, 422, 429, 503, 507),
     },
     dependencies=[Depends(require_json)],
 )
@@ -171,7 +171,7 @@ async def get_session(request: Request, session_id: SessionIdPath) -> Response:
     operation_id="stepSession",
     summary="Run timesteps through the session",
     response_model=StepResponse,
-    responses={200: {"headers": REPLAY_HEADER}, **error_responses(400, 404, 409, 413, 415, 422, 503)},
+    responses={200: {"headers": REPLAY_HEADER}, **error_responses(400, 404, 409, 413, 415, 422, 503, 507)},
     openapi_extra=STEP_BODY,
 )
 async def step_session(request: Request, session_id: SessionIdPath) -> Response:
@@ -212,7 +212,7 @@ async def generate(request: Request, session_id: SessionIdPath) -> Response:
     summary="State back to initial, step 0",
     status_code=204,
     response_class=Response,
-    responses=error_responses(404, 409, 503),
+    responses=error_responses(404, 409, 503, 507),
 )
 async def reset_session(request: Request, session_id: SessionIdPath) -> Response:
     await _sessions(request).reset(session_id, owner=owner_of(request))
@@ -260,7 +260,7 @@ async def export_state(request: Request, session_id: SessionIdPath) -> Response:
     operation_id="importState",
     summary="Replace the session's state with an uploaded .npz",
     response_model=SessionMetadata,
-    responses=error_responses(404, 409, 413, 415, 422, 503),
+    responses=error_responses(404, 409, 413, 415, 422, 503, 507),
     openapi_extra=NPZ_BODY,
 )
 async def import_state(request: Request, session_id: SessionIdPath) -> Response:

@@ -17,6 +17,7 @@ from starlette.responses import Response
 
 from service.errors import (
     CarryoverError,
+    IdleTimeout,
     InvalidJson,
     NotReady,
     Overloaded,
@@ -111,7 +112,7 @@ def ws_close_code(error: CarryoverError) -> int | None:
         return CLOSE_TOO_BIG
     if error.status in (401, 429):  # no or unknown key, a per-key limit: a policy close
         return CLOSE_POLICY
-    if isinstance(error, SessionNotFound):
+    if isinstance(error, SessionNotFound | IdleTimeout):  # 4404, 4408
         return 4000 + error.status
     if error.status >= 500:
         return CLOSE_INTERNAL

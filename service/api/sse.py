@@ -11,6 +11,7 @@ boundary (everything streamed was applied).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,7 +20,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from service.api.problems import error_problem
 from service.errors import CarryoverError
-from service.sessions import DoneEvent, GenerationStream, TokenEvent
+from service.sessions import MAX_STOP_CHARS, MAX_STOP_STRINGS, DoneEvent, GenerationStream, TokenEvent
 
 EVENT_STREAM = "text/event-stream"
 PING_S = 15  # a comment line now and then keeps proxies from closing a slow stream
@@ -37,14 +38,39 @@ GENERATE_SCHEMA: dict[str, Any] = {
         "temperature": {"type": "number", "minimum": 0, "default": 1.0, "description": "0 = greedy"},
         "top_k": {"type": "integer", "minimum": 0, "default": 0, "description": "0 = no top-k cut"},
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1.0},
-        "seed": {"type": "integer", "minimum": 0, "description": "same seed and state: same tokens"},
+        "seed": {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": 2**64 - 1,
+            "description": "same seed and state: same tokens",
+        },
         "stop": {
             "description": "stop after the token that completes one of these strings (it is kept)",
-            "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+            "oneOf": [
+                {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
+                {
+                    "type": "array",
+                    "maxItems": MAX_STOP_STRINGS,
+                    "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
+                },
+            ],
         },
         "step": {"type": "integer", "minimum": 0, "description": "the step the session must be at (else 409)"},
     },
 }
+
+
+def generate_schema(vocab_size: int, max_prompt: int, max_tokens: int) -> dict[str, Any]:
+    """``GENERATE_SCHEMA`` with the served limits: prompt ids in [0, vocab), prompt length and
+    ``max_tokens`` within the settings (built with the OpenAPI document, after start-up)."""
+    schema = copy.deepcopy(GENERATE_SCHEMA)
+    text, ids = schema["properties"]["prompt"]["oneOf"]
+    text["maxLength"] = max_prompt
+    ids.update(maxItems=max_prompt, items={"type": "integer", "minimum": 0, "maximum": vocab_size - 1})
+    schema["properties"]["max_tokens"]["maximum"] = max_tokens
+    return schema
+
+
 GENERATE_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -56,11 +82,22 @@ GENERATE_BODY: dict[str, Any] = {
         },
     }
 }
+SSE_EVENT: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string", "enum": ["message", "done", "error"]},
+        "data": {"type": "string", "description": "a JSON object"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+    "required": ["data"],
+}
 GENERATE_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {
         "description": 'one `data: {"token", "text", "step"}` event per token, then `event: done` with '
         '`data: {"step", "tokens", "text", "finish_reason"}` (or `event: error` with a problem)',
-        "content": {EVENT_STREAM: {"schema": {"type": "string"}}},
+        # OpenAPI 3.2's form: itemSchema is one event; schema, the whole stream as a list of events.
+        "content": {EVENT_STREAM: {"schema": {"type": "array", "items": SSE_EVENT}, "itemSchema": SSE_EVENT}},
     }
 }
 

@@ -38,7 +38,7 @@ from service.api.ws_protocol import (
     text_chunk,
     token_message,
 )
-from service.errors import CarryoverError, InvalidInput, PayloadTooLarge
+from service.errors import CarryoverError, IdleTimeout, InvalidInput, PayloadTooLarge
 from service.sessions import (
     DoneEvent,
     GenerationStream,
@@ -92,10 +92,23 @@ class _Item:
 Opener = Callable[[SessionService, str], Awaitable[SessionInfo]]
 
 
+@dataclass(frozen=True)
+class _Limits:
+    """One connection's limits: message bytes, pipelined chunks, and seconds of silence."""
+
+    max_bytes: int
+    max_in_flight: int
+    idle_timeout_s: float
+
+
 async def _serve(websocket: WebSocket, open_session: Opener) -> None:
     state = app_state(websocket.app)
     settings = state.settings
-    connection = _Connection(websocket, state.session_service(), settings.max_body_bytes, settings.ws_max_in_flight)
+    connection = _Connection(
+        websocket,
+        state.session_service(),
+        _Limits(settings.ws_message_limit, settings.ws_max_in_flight, settings.ws_idle_timeout_s),
+    )
     connection.serialize_seconds = state.metrics.serialize_seconds.labels("ws")
     state.streams.add(connection)
     state.metrics.ws_connections.inc()
@@ -115,13 +128,14 @@ class _Connection:
     order, send its reply) joined by a queue; a semaphore of ``max_in_flight`` slots, taken before
     each read and given back after each reply, is the backpressure."""
 
-    def __init__(self, websocket: WebSocket, sessions: SessionService, max_bytes: int, max_in_flight: int) -> None:
+    def __init__(self, websocket: WebSocket, sessions: SessionService, limits: _Limits) -> None:
         self.websocket = websocket
         self.sessions = sessions
         self.owner = ""  # set by authentication, the first thing ``run`` does
         self.slot = contextlib.ExitStack()  # the owner's open-stream slot, held until the end
-        self.max_bytes = max_bytes
-        self.slots = asyncio.Semaphore(max_in_flight)
+        self.max_bytes = limits.max_bytes
+        self.idle_timeout_s = limits.idle_timeout_s
+        self.slots = asyncio.Semaphore(limits.max_in_flight)
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         self.finished = asyncio.Event()
         self.session_id = ""
@@ -193,7 +207,11 @@ class _Connection:
         while True:
             await self.slots.acquire()
             try:
-                message = await self.websocket.receive()
+                message = await self._receive()
+            except TimeoutError:
+                idle = IdleTimeout(f"no message for {self.idle_timeout_s:g} s (setting ws_idle_timeout_s)")
+                self.queue.put_nowait(_Item(error=idle))
+                return False
             except Exception:  # the transport failed under us: as good as a disconnect
                 log.debug("WebSocket receive failed", exc_info=True)
                 return True
@@ -201,7 +219,9 @@ class _Connection:
                 return True
             try:
                 if message_size(message) > self.max_bytes:
-                    error = PayloadTooLarge(f"the message is over the limit of {self.max_bytes} bytes")
+                    error = PayloadTooLarge(
+                        f"the message is over the limit of {self.max_bytes} bytes (setting ws_max_message_bytes)"
+                    )
                     self.queue.put_nowait(_Item(error=error))
                     return False
                 await self.sessions.admit(self.owner)  # the key's rate limit: each chunk is a request
@@ -217,6 +237,17 @@ class _Connection:
                 self.slots.release()
                 continue
             self.queue.put_nowait(item)
+
+    async def _receive(self) -> Mapping[str, Any]:
+        """The next message; ``TimeoutError`` after ``idle_timeout_s`` of silence with nothing in
+        flight (a client waiting for a long chunk's reply is not idle)."""
+        while True:
+            try:
+                async with asyncio.timeout(self.idle_timeout_s):
+                    return await self.websocket.receive()
+            except TimeoutError:
+                if not self.steps and not self.generations and self.queue.empty():
+                    raise
 
     def _start(self, message: Mapping[str, Any]) -> _Item | None:
         assert self.contract is not None

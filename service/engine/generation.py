@@ -31,6 +31,7 @@ from service.config import Settings
 from service.engine.contract import ModelContract
 from service.engine.sampling import SamplingParams, sample
 from service.engine.tensors import unpack_arrays
+from service.engine.validation import integral
 from service.errors import InvalidInput
 
 FinishReason = Literal["length", "stop", "cancelled"]
@@ -116,6 +117,10 @@ class GenerateCall:
     expected_step: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("max_tokens", "top_k", "seed"):  # JSON's 3.0 is 3, as for every integer field
+            object.__setattr__(self, name, integral(getattr(self, name)))
+        if isinstance(self.prompt, tuple):
+            object.__setattr__(self, "prompt", tuple(integral(t) for t in self.prompt))
         if not isinstance(self.prompt, str | tuple) or (
             isinstance(self.prompt, tuple) and not all(_is_int(t) for t in self.prompt)
         ):
