@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     redis_max_connections: int = Field(64, ge=1, description="Redis connections per process; more callers wait")
     session_ttl_s: int = Field(86_400, ge=1, description="default session TTL in seconds, refreshed on every access")
     max_sessions: int = Field(1_000_000, ge=1, description="creating more sessions answers 429")
+    replay_window_s: float = Field(
+        60.0, gt=0, description="how long a step's outputs are kept for a retry with the same `step` (seconds)"
+    )
+    replay_max_bytes: int = Field(
+        256 * 1024, ge=0, description="larger outputs keep no replay copy (a retry then gets 409 with the step)"
+    )
 
     api_keys_file: Path | None = Field(
         None,
@@ -95,6 +101,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="HTTP request body limit (413)")
     ws_max_message_bytes: int | None = Field(
         None, ge=1024, description="WebSocket message limit (error, then close 1009); unset = max_body_bytes"
+    )
+    ws_compression: bool = Field(
+        False, description="permessage-deflate on WebSocket frames (less bandwidth, much more CPU per frame)"
     )
     ws_max_in_flight: int = Field(8, ge=1, description="pipelined chunks per WebSocket connection")
     ws_idle_timeout_s: float = Field(

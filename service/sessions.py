@@ -295,7 +295,9 @@ class SessionService:
 
     def _submit(self, name: str, key: str, owner: str, call: StepCall) -> asyncio.Future[StepReply]:
         arrays = validate_inputs(self.model(name).contract, call.inputs, self.settings.max_steps_per_request)
-        return self.schedulers[name].submit(key, owner, arrays, call.expected_step, request_digest(arrays))
+        # Only a request with `step` can be replayed, so only it needs the digest.
+        digest = request_digest(arrays) if call.expected_step is not None else ""
+        return self.schedulers[name].submit(key, owner, arrays, call.expected_step, digest)
 
     async def _model_of(self, key: str, session_id: str) -> str:
         """Routing only (see ``apply``): the model named in the session's record."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -179,7 +180,10 @@ async def step_session(request: Request, session_id: SessionIdPath) -> Response:
     call = parse_step(await _json_body(request))
     reply = await _sessions(request).apply(session_id, call, owner=owner_of(request))
     headers = {"Idempotent-Replay": "true"} if reply.replay else None
-    return _json({"session_id": reply.session_id, "step": reply.step, "outputs": reply.outputs}, headers=headers)
+    started = time.perf_counter()
+    response = _json({"session_id": reply.session_id, "step": reply.step, "outputs": reply.outputs}, headers=headers)
+    app_state(request.app).metrics.serialize_seconds.labels("http").observe(time.perf_counter() - started)
+    return response
 
 
 @router.post(

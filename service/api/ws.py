@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, WebSocket
+from prometheus_client import Histogram
 
 from service.api.auth import auth_of, authenticate_websocket
 from service.api.problems import (
@@ -107,6 +109,7 @@ async def _serve(websocket: WebSocket, open_session: Opener) -> None:
         state.session_service(),
         _Limits(settings.ws_message_limit, settings.ws_max_in_flight, settings.ws_idle_timeout_s),
     )
+    connection.serialize_seconds = state.metrics.serialize_seconds.labels("ws")
     state.streams.add(connection)
     state.metrics.ws_connections.inc()
     try:
@@ -143,6 +146,7 @@ class _Connection:
         self.steps: set[asyncio.Task[StepReply]] = set()
         self.generations: dict[asyncio.Task[GenerationStream], Any] = {}  # started, not yet answered: id
         self.closed = False
+        self.serialize_seconds: Histogram | None = None  # the /metrics stage "serialisation"
 
     async def run(self, open_session: Opener) -> None:
         try:
@@ -313,7 +317,11 @@ class _Connection:
                     reply: str | bytes = done
                 else:
                     assert item.task is not None
-                    reply = encode_result(chunk, await item.task, self.contract)
+                    result = await item.task
+                    started = time.perf_counter()
+                    reply = encode_result(chunk, result, self.contract)
+                    if self.serialize_seconds is not None:
+                        self.serialize_seconds.observe(time.perf_counter() - started)
             except CarryoverError as e:
                 reply = ws_error_message(e, chunk.id)
                 if (code := ws_close_code(e)) is not None:

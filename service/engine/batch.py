@@ -11,6 +11,7 @@ chunks (and, for a generation's row, through its iterations).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -48,6 +49,7 @@ class StepRequest:
     states: dict[str, np.ndarray] = field(default_factory=dict)  # after the chunks applied so far
     outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
     attempts: int = 0
+    queued_at: float = field(default_factory=time.perf_counter)  # for the queue-wait histogram
     generation: Generation | None = None  # set for a generation's row: it re-enters the queue
 
     @property

@@ -81,6 +81,9 @@ class RecurrentModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
+        # ORT's pool threads spin while waiting for work; on a box whose cores also run the event
+        # loop and Redis that spinning takes their CPU (see docs/bench/README.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         self._options = options
         wanted = resolve_providers(providers)

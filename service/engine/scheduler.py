@@ -228,8 +228,11 @@ class Scheduler:
             return []
         try:
             started = time.perf_counter()
-            continuing = any(r.generation is not None and not r.chunks for r in fresh)  # needs the last reply
-            records = await self.store.load([r.session_id for r in fresh], with_reply=continuing)
+            if self.metrics:
+                wait = self.metrics.queue_wait.labels(self.name)
+                for r in fresh:
+                    wait.observe(started - r.queued_at)
+            records = await self.store.load([r.session_id for r in fresh])
             self._observe_redis("load", started)
         except StoreUnavailable as e:
             for r in fresh:
@@ -268,7 +271,7 @@ class Scheduler:
     def _first_tokens(self, admitted: list[StepRequest]) -> list[StepRequest]:
         """Generations with an empty prompt start from the session's stored last prediction."""
         starting = [r for r in admitted if r.generation is not None and not r.chunks]
-        replies = [r.base.last_reply if r.base else b"" for r in starting]
+        replies = [r.base.last_prediction if r.base else b"" for r in starting]
         for r, first in zip(starting, first_inputs([r.generation for r in starting], replies), strict=True):
             if isinstance(first, CarryoverError):
                 self._fail(r, first)
@@ -285,8 +288,17 @@ class Scheduler:
             return
         if isinstance(rec, SessionCorrupt):
             self._fail(r, rec)
-        elif rec is None or rec.last_digest != r.digest or not rec.last_reply:
+        elif rec is None or rec.last_digest != r.digest:
             self._fail(r, StepConflict("the session changed while replaying", current_step=rec.step if rec else None))
+        elif not rec.last_reply:  # past the replay window, or outputs over replay_max_bytes
+            self._fail(
+                r,
+                StepConflict(
+                    f"this request was already applied (the session is at step {rec.step}) but its outputs are "
+                    "no longer kept for a replay",
+                    current_step=rec.step,
+                ),
+            )
         else:
             self._resolve(r, StepReply(r.session_id, rec.step, unpack_arrays(rec.last_reply), replay=True))
 
@@ -330,15 +342,16 @@ class Scheduler:
                 revision=r.base.revision + 1,
                 states=states_to_bytes(self.model.contract, r.states),
                 updated_at=now,
-                last_digest=r.digest,
-                last_reply=pack_arrays(outputs),
+                last_digest=r.digest if r.expected_step is not None else "",
+                last_reply=self._replay_copy(r, outputs),
+                last_prediction=self._prediction(outputs),
                 expires_in=None,
             )
             writes.append((record, r.base.revision))
             replies.append(StepReply(r.session_id, record.step, outputs))
         try:
             started = time.perf_counter()
-            outcomes = await self.store.save(writes)
+            outcomes = await self.store.save(writes, replay_window_s=self.settings.replay_window_s)
             self._observe_redis("save", started)
         except StoreUnavailable as e:
             for r in finals:  # the write may or may not have landed: a retry with `step` tells
@@ -390,6 +403,21 @@ class Scheduler:
         return True
 
     # -- helpers ----------------------------------------------------------------------------
+    def _prediction(self, outputs: dict[str, np.ndarray]) -> bytes:
+        """A token LM's last prediction (its first output's last timestep), kept in the record for a
+        generation that continues without a prompt; other models keep none."""
+        if self.model.contract.kind != "token_lm" or not self.model.contract.outputs:
+            return b""
+        name = self.model.contract.outputs[0].name
+        return pack_arrays({name: outputs[name][-1:]})
+
+    def _replay_copy(self, r: StepRequest, outputs: dict[str, np.ndarray]) -> bytes:
+        """The outputs kept for a retry: only for requests with ``step`` (no other can be replayed)
+        and only up to ``replay_max_bytes`` (b"": none kept, the save deletes an older copy)."""
+        if r.expected_step is None or sum(v.nbytes for v in outputs.values()) > self.settings.replay_max_bytes:
+            return b""
+        return pack_arrays(outputs)
+
     def _resolve(self, r: StepRequest, reply: StepReply) -> None:
         if not r.future.done():
             r.future.set_result(reply)
