@@ -1,19 +1,16 @@
 """The ragged micro-batcher (docs/architecture.md): one per model per process.
 
-It decides *what* runs (the policy); ``batch.py`` pads the chosen rows into one batch and slices
-the result back, ``RecurrentModel`` runs it, and ``SessionStore`` keeps the state.
+It decides *what* runs (the policy): ``admission.py`` judges each loaded record, ``batch.py``
+pads the chosen rows into one batch, ``RecurrentModel`` runs it, ``SessionStore`` keeps the state.
 
 * Requests wait in one arrival-ordered queue (bounded: ``Overloaded`` when full).
-* A batch takes, in arrival order, the first waiting request of each session that is not
-  already in flight, up to ``max_batch_size`` rows and ``max_batch_tokens`` timesteps; it waits
-  up to ``max_wait_us`` for more only while the device is busy.
-* Long requests are cut into chunks of ``max_chunk`` steps. A request's chunks run in
-  consecutive batches with its intermediate state held in memory; only the last chunk writes,
-  so a request is applied whole or not at all, and a client that goes away mid-request leaves
-  the session untouched (unless its final write had already begun, in which case it lands whole).
+* A batch takes, in arrival order, the first waiting request of each session not in flight, up
+  to ``max_batch_size`` rows and ``max_batch_tokens`` timesteps; it waits up to ``max_wait_us``
+  for more only while the device is busy.
+* Long requests run in ``max_chunk`` chunks in consecutive batches, their intermediate state in
+  memory; only the last chunk writes, so a request is applied whole or not at all.
 * Pipelining: while batch k runs in the device thread, batch k+1 is gathered and its states
-  loaded (one Redis round trip); batch k's write (one round trip, CAS per session) overlaps
-  with batch k+1's run.
+  loaded (one round trip); batch k's write (one round trip, CAS per session) overlaps k+1's run.
 * Generations (continuous batching, ``generation.py``): a generation's row re-enters the queue
   at its back after every iteration with its next token as input, its state in memory and its
   base the record it just wrote; its session's other requests wait until it ends. Every batch
@@ -34,15 +31,15 @@ from dataclasses import replace
 import numpy as np
 
 from service.config import Settings
+from service.engine.admission import admission, last_prediction, replay_copy, replayed
 from service.engine.batch import StepReply, StepRequest, join_chunks, pad_batch, split_chunks, unpad_rows
 from service.engine.buckets import padding_ratio, plan_buckets
 from service.engine.cas import MAX_ATTEMPTS
 from service.engine.generation import Generation, advance, first_inputs
 from service.engine.model import BatchResult, RecurrentModel
-from service.engine.tensors import pack_arrays, states_from_bytes, states_to_bytes, unpack_arrays
+from service.engine.tensors import states_from_bytes, states_to_bytes
 from service.errors import (
     CarryoverError,
-    ModelMismatch,
     Overloaded,
     SessionCorrupt,
     SessionNotFound,
@@ -51,7 +48,7 @@ from service.errors import (
     StoreUnavailable,
 )
 from service.metrics import Metrics
-from service.store.store import SessionStore, WriteOutcome
+from service.store.store import SessionRecord, SessionStore, WriteOutcome
 
 log = logging.getLogger(__name__)
 __all__ = ["Scheduler", "StepReply", "StepRequest"]
@@ -240,25 +237,13 @@ class Scheduler:
             return []
         admitted = []
         for r, rec in zip(fresh, records, strict=True):
-            # The one owner and model check of a step: on the record this batch reads (and its
-            # write's CAS is based on); SessionService only routes the request here.
-            if isinstance(rec, SessionCorrupt):  # fails this request only; the batch goes on
-                self._fail(r, rec)
-            elif rec is None or rec.owner != r.owner:
-                self._fail(r, SessionNotFound(f"session {r.session_id!r} does not exist or has expired"))
-            elif rec.fingerprint != self.model.fingerprint or rec.model != self.name:
-                self._fail(r, ModelMismatch(f"session {r.session_id!r} holds state of another model"))
-            elif r.expected_step is not None and r.expected_step != rec.step:
-                if r.digest == rec.last_digest and r.expected_step + r.total_steps == rec.step:
-                    await self._replay(r)
-                else:
-                    self._fail(
-                        r,
-                        StepConflict(
-                            f"the session is at step {rec.step}, not {r.expected_step}", current_step=rec.step
-                        ),
-                    )
+            verdict = admission(r, rec, self.name, self.model.fingerprint)
+            if isinstance(verdict, CarryoverError):
+                self._fail(r, verdict)
+            elif verdict == "replay":
+                await self._replay(r)
             else:
+                assert isinstance(rec, SessionRecord)
                 try:
                     r.states = states_from_bytes(self.model.contract, rec.states)
                 except ValueError as e:  # a truncated or missing state tensor
@@ -286,21 +271,11 @@ class Scheduler:
         except StoreUnavailable as e:
             self._fail(r, e)
             return
-        if isinstance(rec, SessionCorrupt):
-            self._fail(r, rec)
-        elif rec is None or rec.last_digest != r.digest:
-            self._fail(r, StepConflict("the session changed while replaying", current_step=rec.step if rec else None))
-        elif not rec.last_reply:  # past the replay window, or outputs over replay_max_bytes
-            self._fail(
-                r,
-                StepConflict(
-                    f"this request was already applied (the session is at step {rec.step}) but its outputs are "
-                    "no longer kept for a replay",
-                    current_step=rec.step,
-                ),
-            )
+        reply = replayed(r, rec)
+        if isinstance(reply, CarryoverError):
+            self._fail(r, reply)
         else:
-            self._resolve(r, StepReply(r.session_id, rec.step, unpack_arrays(rec.last_reply), replay=True))
+            self._resolve(r, reply)
 
     async def _run_model(self, rows: list[StepRequest]) -> None:
         groups = plan_buckets([r.chunk_steps for r in rows], self.settings.bucket_overhead_tokens)
@@ -343,8 +318,8 @@ class Scheduler:
                 states=states_to_bytes(self.model.contract, r.states),
                 updated_at=now,
                 last_digest=r.digest if r.expected_step is not None else "",
-                last_reply=self._replay_copy(r, outputs),
-                last_prediction=self._prediction(outputs),
+                last_reply=replay_copy(r, outputs, self.settings.replay_max_bytes),
+                last_prediction=last_prediction(self.model.contract, outputs),
                 expires_in=None,
             )
             writes.append((record, r.base.revision))
@@ -403,21 +378,6 @@ class Scheduler:
         return True
 
     # -- helpers ----------------------------------------------------------------------------
-    def _prediction(self, outputs: dict[str, np.ndarray]) -> bytes:
-        """A token LM's last prediction (its first output's last timestep), kept in the record for a
-        generation that continues without a prompt; other models keep none."""
-        if self.model.contract.kind != "token_lm" or not self.model.contract.outputs:
-            return b""
-        name = self.model.contract.outputs[0].name
-        return pack_arrays({name: outputs[name][-1:]})
-
-    def _replay_copy(self, r: StepRequest, outputs: dict[str, np.ndarray]) -> bytes:
-        """The outputs kept for a retry: only for requests with ``step`` (no other can be replayed)
-        and only up to ``replay_max_bytes`` (b"": none kept, the save deletes an older copy)."""
-        if r.expected_step is None or sum(v.nbytes for v in outputs.values()) > self.settings.replay_max_bytes:
-            return b""
-        return pack_arrays(outputs)
-
     def _resolve(self, r: StepRequest, reply: StepReply) -> None:
         if not r.future.done():
             r.future.set_result(reply)
