@@ -20,7 +20,9 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from service.api.auth import Auth, install_auth
 from service.api.http import install_http
+from service.api.page import install_page
 from service.api.state import AppState, install_state
+from service.api.v2 import install_v2
 from service.api.ws import install_ws
 from service.config import Settings
 from service.engine.model import RecurrentModel
@@ -96,6 +98,8 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, Recurre
     auth = install_auth(app, settings)  # reads the key file now: a bad one fails here, not later
     install_http(app, state)
     install_ws(app)
+    install_v2(app)
+    install_page(app)
     if settings.cors_origins:  # off unless configured: browsers then refuse cross-origin calls
         app.add_middleware(
             CORSMiddleware,

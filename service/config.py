@@ -76,6 +76,12 @@ class Settings(BaseSettings):
     redis_max_connections: int = Field(64, ge=1, description="Redis connections per process; more callers wait")
     session_ttl_s: int = Field(86_400, ge=1, description="default session TTL in seconds, refreshed on every access")
     max_sessions: int = Field(1_000_000, ge=1, description="creating more sessions answers 429")
+    replay_window_s: float = Field(
+        60.0, gt=0, description="how long a step's outputs are kept for a retry with the same `step` (seconds)"
+    )
+    replay_max_bytes: int = Field(
+        256 * 1024, ge=0, description="larger outputs keep no replay copy (a retry then gets 409 with the step)"
+    )
 
     api_keys_file: Path | None = Field(
         None,
@@ -101,13 +107,26 @@ class Settings(BaseSettings):
     max_queue: int = Field(4096, ge=1, description="queued requests per model before 503 overloaded")
     max_chunk: int = Field(256, ge=1, description="long requests run in chunks of this many steps")
     max_steps_per_request: int = Field(16_384, ge=1, description="T limit of one request (422 above)")
+    max_generate_tokens: int = Field(4096, ge=1, description="max_tokens limit of one generation (422 above)")
     bucket_overhead_tokens: int = Field(
         256, ge=0, description="padding worth one extra model call when bucketing by length"
     )
-    max_body_bytes: int = Field(
-        8 * 1024 * 1024, ge=1024, description="request body / WebSocket message limit (413 / close 1009)"
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="HTTP request body limit (413)")
+    ws_max_message_bytes: int | None = Field(
+        None, ge=1024, description="WebSocket message limit (error, then close 1009); unset = max_body_bytes"
+    )
+    ws_compression: bool = Field(
+        False, description="permessage-deflate on WebSocket frames (less bandwidth, much more CPU per frame)"
     )
     ws_max_in_flight: int = Field(8, ge=1, description="pipelined chunks per WebSocket connection")
+    ws_idle_timeout_s: float = Field(
+        300.0, gt=0, description="a WebSocket that sends nothing this long, with no chunk in flight, is closed 4408"
+    )
+
+    @property
+    def ws_message_limit(self) -> int:
+        """Bytes of one WebSocket message (``ws_max_message_bytes``, else ``max_body_bytes``)."""
+        return self.ws_max_message_bytes or self.max_body_bytes
 
     def model_paths(self) -> dict[str, Path]:
         """``{name: path}`` of the served models, in order (a bare PATH is named by its stem)."""

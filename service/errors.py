@@ -132,6 +132,19 @@ class StoreUnavailable(Unavailable):
         super().__init__(message, retry_after=retry_after)
 
 
+class StoreFull(StoreUnavailable):
+    """Redis refused a write because it reached ``maxmemory`` (policy ``noeviction``): nothing
+    was written, stored sessions are kept; writes fail until memory is freed or raised."""
+
+    status, code, title = 507, "store_full", "Session store full"
+
+
+class IdleTimeout(CarryoverError):
+    """A WebSocket sent nothing for ``ws_idle_timeout_s`` while no chunk was in flight."""
+
+    status, code, title = 408, "idle_timeout", "Connection idle"
+
+
 class NotReady(CarryoverError):
     """Models still loading or the store not connected yet (or shutting down): readiness fails."""
 

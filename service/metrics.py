@@ -38,6 +38,16 @@ class Metrics:
         )
         self.queue_depth = Gauge("carryover_queue_depth", "requests waiting or running", ["model"], registry=r)
         self.steps = Counter("carryover_timesteps_total", "timesteps applied", ["model"], registry=r)
+        self.queue_wait = Histogram(
+            "carryover_queue_wait_seconds",
+            "a step request's wait from submit to the batch that loads it",
+            ["model"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.serialize_seconds = Histogram(
+            "carryover_serialization_seconds", "encoding a step reply", ["transport"], buckets=_LATENCY, registry=r
+        )
         self.redis_seconds = Histogram(
             "carryover_redis_seconds", "Redis round trip time", ["op"], buckets=_LATENCY, registry=r
         )
@@ -50,9 +60,18 @@ class Metrics:
     def prepare(self, models: Iterable[str]) -> None:
         """Create each model's labelled series, so a scrape shows them (at zero) before the first
         batch; idempotent and cheap."""
-        per_model = (self.batch_rows, self.batch_padding, self.batch_seconds, self.queue_depth, self.steps)
+        per_model = (
+            self.batch_rows,
+            self.batch_padding,
+            self.batch_seconds,
+            self.queue_depth,
+            self.steps,
+            self.queue_wait,
+        )
         for name in models:
             for family in (*per_model, self.cas_conflicts):
                 family.labels(name)
         for op in ("load", "save"):
             self.redis_seconds.labels(op)
+        for transport in ("http", "ws"):
+            self.serialize_seconds.labels(transport)

@@ -1,11 +1,13 @@
 """Session operations: the one contract every transport calls (docs/architecture.md).
 
 HTTP, WebSocket and ``/v2`` are leaves that depend on this module and on nothing below it: it
-owns the request and reply types (``StepCall``, ``StepReply``, ``SessionInfo``), the one parser
-of a step envelope (``parse_step``) and the one rule for each request field (``step``,
+owns the request and reply types (``StepCall``, ``StepReply``, ``SessionInfo``, ``GenerateCall``
+and the generation events), the one parser of a step envelope (``parse_step``) and of a
+generation (``parse_generate``), and the one rule for each request field (``step``,
 ``ttl_s``, session ids, owners). Steps go through the model's ``Scheduler``; create / reset /
 import / delete write the store directly, each write a compare-and-set, so they interleave
 safely with in-flight steps (a step that loses the race runs again on the new state).
+Generations go through the scheduler too, one token per batch (``service.engine.generation``).
 """
 
 from __future__ import annotations
@@ -16,15 +18,25 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from service.config import Settings
 from service.engine.cas import rewrite
 from service.engine.contract import ModelContract
+from service.engine.generation import (
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    DoneEvent,
+    GenerateCall,
+    GenerationStream,
+    TokenEvent,
+    new_generation,
+    parse_generate,
+)
 from service.engine.model import RecurrentModel
 from service.engine.scheduler import Scheduler, StepReply
 from service.engine.tensors import initial_state_bytes, request_digest, states_to_bytes
-from service.engine.validation import validate_inputs
+from service.engine.validation import integral, validate_inputs
 from service.errors import (
     InvalidInput,
     ModelMismatch,
@@ -40,15 +52,23 @@ from service.state_file import read_state_file, write_state_file
 from service.store.store import SessionRecord, SessionStore
 
 __all__ = [
+    "MAX_STOP_CHARS",
+    "MAX_STOP_STRINGS",
     "MAX_TTL_S",
     "SESSION_ID",
+    "DoneEvent",
+    "GenerateCall",
+    "GenerationStream",
     "ModelContract",
     "SessionInfo",
     "SessionService",
     "StepCall",
     "StepReply",
+    "TokenEvent",
     "checked_step",
+    "integral",
     "is_session_id",
+    "parse_generate",
     "parse_step",
 ]
 
@@ -57,6 +77,7 @@ SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,127}$")
 SESSION_ID_RULE = "1-128 characters of A-Z a-z 0-9 . _ ~ - starting with a letter or digit"
 MAX_TTL_S = 366 * 86_400
 STEP_FIELDS = frozenset({"inputs", "step"})
+_T = TypeVar("_T")
 ROUTING_STRIPES = 256
 
 
@@ -67,7 +88,9 @@ def is_session_id(value: object) -> bool:
 
 
 def checked_step(value: object) -> int | None:
-    """The ``step`` of a request: ``None`` (arrival order) or a non-negative int (``bool`` is not)."""
+    """The ``step`` of a request: ``None`` (arrival order) or a non-negative int (``bool`` is not;
+    ``3.0`` is 3)."""
+    value = integral(value)
     if value is None:
         return None
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -77,6 +100,7 @@ def checked_step(value: object) -> int | None:
 
 def checked_ttl(value: object, default: int) -> int:
     """Seconds without access before a session expires: an int in [1, ``MAX_TTL_S``]."""
+    value = integral(value)
     if value is None:
         return default
     if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_TTL_S:
@@ -94,7 +118,7 @@ class StepCall:
     expected_step: int | None = None
 
     def __post_init__(self) -> None:
-        checked_step(self.expected_step)
+        object.__setattr__(self, "expected_step", checked_step(self.expected_step))
 
 
 def parse_step(body: object, *, transport_fields: frozenset[str] = frozenset()) -> StepCall:
@@ -158,26 +182,7 @@ class SessionService:
 
     # -- models -----------------------------------------------------------------------------
     def describe_models(self) -> list[dict[str, Any]]:
-        out = []
-        for name, m in self.models.items():
-            c = m.contract
-            entry: dict[str, Any] = {
-                "name": name,
-                "fingerprint": m.fingerprint,
-                "kind": c.kind,
-                "form": c.form,
-                "provider": m.provider,
-                "default": name == self.default_model,
-                "inputs": [t.describe() for t in c.inputs],
-                "outputs": [t.describe() for t in c.outputs],
-                "states": [s.describe() for s in c.states],
-            }
-            if c.kind == "token_lm":
-                vocab = c.vocab or ()
-                entry["vocab"] = "".join(vocab) if all(len(v) == 1 for v in vocab) else list(vocab)
-                entry["unk_id"] = c.unk_id
-            out.append(entry)
-        return out
+        return [m.describe(name, default=name == self.default_model) for name, m in self.models.items()]
 
     def model(self, name: str | None) -> RecurrentModel:
         key = name or self.default_model
@@ -194,9 +199,10 @@ class SessionService:
         ttl_s: int | None = None,
         fork_from: str | None = None,
         owner: str = "",
+        derived: bool = False,  # a transport's own id: ``~`` + the rule (``service.sequences``)
     ) -> SessionInfo:
         ttl = checked_ttl(ttl_s, self.settings.session_ttl_s)
-        if session_id is not None and not is_session_id(session_id):
+        if session_id is not None and not is_session_id(session_id[1:] if derived else session_id):
             raise InvalidInput(f"session_id must be {SESSION_ID_RULE}")
         now = time.time()
         if fork_from is not None:
@@ -260,21 +266,38 @@ class SessionService:
         record it reads for the batch (the read that the write's compare-and-set is based on,
         so no check here could be fresher)."""
         key = self._key(session_id, owner)
-        if len(self.models) == 1:  # no await before submit: calls queue in the order they were made
-            future = self._submit(self.default_model, key, owner, call)
-        else:
-            # Finding the session's model may need Redis; a FIFO lock per key stripe keeps the
-            # submissions of one session in call order across that await (pipelined WS chunks).
-            async with self._routing_locks[hash(key) % len(self._routing_locks)]:
-                if key not in self._session_model:
-                    self._session_model[key] = await self._model_of(key, session_id)
-                future = self._submit(self._session_model[key], key, owner, call)
-        reply = await future
+        reply = await (await self._routed(key, session_id, lambda name: self._submit(name, key, owner, call)))
         return replace(reply, session_id=session_id)
+
+    async def generate(self, session_id: str, call: GenerateCall, owner: str = "") -> GenerationStream:
+        """Start a generation (token LMs; docs/generation.md): ``TokenEvent``s, then a ``DoneEvent``.
+        What fails before the first token (404, 409 on ``step``) is raised by the first ``__anext__``."""
+        checked_step(call.expected_step)
+        key = self._key(session_id, owner)
+
+        def submit(name: str) -> GenerationStream:
+            g = new_generation(self.model(name).contract, call, self.settings)
+            future = self.schedulers[name].submit(key, owner, {g.input.name: g.prompt}, call.expected_step, g.digest, g)
+            return GenerationStream(g, future)
+
+        return await self._routed(key, session_id, submit)
+
+    async def _routed(self, key: str, session_id: str, submit: Callable[[str], _T]) -> _T:
+        """``submit`` to the session's model. One model: no await before it, so calls queue in
+        the order they were made. Several: finding the session's model may need Redis; a FIFO
+        lock per key stripe keeps one session's submissions in call order across that await."""
+        if len(self.models) == 1:
+            return submit(self.default_model)
+        async with self._routing_locks[hash(key) % len(self._routing_locks)]:
+            if key not in self._session_model:
+                self._session_model[key] = await self._model_of(key, session_id)
+            return submit(self._session_model[key])
 
     def _submit(self, name: str, key: str, owner: str, call: StepCall) -> asyncio.Future[StepReply]:
         arrays = validate_inputs(self.model(name).contract, call.inputs, self.settings.max_steps_per_request)
-        return self.schedulers[name].submit(key, owner, arrays, call.expected_step, request_digest(arrays))
+        # Only a request with `step` can be replayed, so only it needs the digest.
+        digest = request_digest(arrays) if call.expected_step is not None else ""
+        return self.schedulers[name].submit(key, owner, arrays, call.expected_step, digest)
 
     async def _model_of(self, key: str, session_id: str) -> str:
         """Routing only (see ``apply``): the model named in the session's record."""
@@ -333,8 +356,8 @@ class SessionService:
     @staticmethod
     def _key(session_id: str, owner: str) -> str:
         """Store id: sessions are namespaced by owner, so another owner's id is simply absent; so
-        is an id that breaks the session id rule (it can never have been created)."""
-        if not is_session_id(session_id):
+        is an id that breaks the session id rule (``~`` + the rule: a transport's derived id)."""
+        if not is_session_id(session_id.removeprefix("~")):
             raise _not_found(session_id)
         return f"{owner}:{session_id}" if owner else session_id
 

@@ -15,6 +15,7 @@ from service.errors import InvalidInput, ModelMismatch
 from service.store.store import SessionRecord
 
 META_KEYS = ("carryover_step", "carryover_fingerprint", "carryover_model")
+UNPACKED_SLACK_BYTES = 64 * 1024  # .npy headers and the metadata arrays
 
 
 def write_state_file(model: RecurrentModel, record: SessionRecord) -> bytes:
@@ -34,14 +35,10 @@ def read_state_file(data: bytes, model: RecurrentModel) -> tuple[dict[str, np.nd
     """Validate an uploaded ``.npz``: names, shapes, dtypes, finite values, same model. Never
     unpickles (``allow_pickle=False``)."""
     c = model.contract
-    try:
-        archive = np.load(io.BytesIO(data), allow_pickle=False)
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise InvalidInput("the state must be an .npz archive with one array per state tensor")
-        arrays = {k: archive[k] for k in archive.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise InvalidInput(f"the state is not a readable .npz archive without pickles: {e}") from None
     names = {s.input for s in c.states}
+    # Unpacked size bound (a small deflated upload must not expand into gigabytes): the states + headers.
+    limit = sum(s.nbytes for s in c.states) + UNPACKED_SLACK_BYTES
+    arrays = _arrays(data, sorted(names), limit)
     for key in arrays:
         if key not in names and key not in META_KEYS:
             raise InvalidInput(f"unknown tensor {key!r} in the state; the model's state tensors are {sorted(names)}")
@@ -70,3 +67,30 @@ def read_state_file(data: bytes, model: RecurrentModel) -> tuple[dict[str, np.nd
             raise InvalidInput("carryover_step must be a non-negative integer scalar")
         step = int(step_value)
     return states, step
+
+
+def _arrays(data: bytes, names: list[str], limit: int) -> dict[str, np.ndarray]:
+    """The arrays of an uploaded ``.npz``; anything else is ``InvalidInput`` saying what the upload
+    must be (numpy's own messages talk about pickles, which are never loaded here)."""
+    must = (
+        f"the upload must be an .npz archive as GET .../state returns it (a zip of .npy arrays: {names}, "
+        "optionally carryover_step and carryover_fingerprint)"
+    )
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        raise InvalidInput(f"{must}; this body is not a zip archive")
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            unpacked = sum(info.file_size for info in z.infolist())
+        if unpacked > limit:
+            raise InvalidInput(f"{must}; it unpacks to {unpacked} bytes, more than this model's state ({limit})")
+        archive = np.load(io.BytesIO(data), allow_pickle=False)
+        arrays = {k: archive[k] for k in archive.files}
+    except ValueError as e:
+        why = "an array holds Python objects, which are never unpickled" if "pickle" in str(e) else str(e)
+        raise InvalidInput(f"{must}; {why}") from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError, RuntimeError, NotImplementedError) as e:
+        raise InvalidInput(f"{must}; a member is not a readable .npy array ({type(e).__name__})") from None
+    odd = sorted(k for k, v in arrays.items() if not isinstance(v, np.ndarray))  # a member not named .npy
+    if odd:
+        raise InvalidInput(f"{must}; member(s) {odd} are not .npy arrays")
+    return arrays

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -39,9 +40,10 @@ from service.api.schemas import (
     StepResponse,
     error_responses,
 )
+from service.api.sse import GENERATE_BODY, GENERATE_RESPONSE, sse_response
 from service.api.state import AppState, app_state, owner_of
 from service.errors import CarryoverError, InvalidInput, InvalidJson, NotReady, UnsupportedMediaType
-from service.sessions import SessionInfo, SessionService, parse_step
+from service.sessions import SessionInfo, SessionService, parse_generate, parse_step
 
 NPZ_MEDIA_TYPES = frozenset({NPZ_MEDIA_TYPE, "application/octet-stream", "application/zip"})
 
@@ -122,7 +124,7 @@ async def list_models(request: Request) -> Response:
     response_model=SessionCreated,
     responses={
         201: {"headers": {"Location": {"description": "the session's URL", "schema": {"type": "string"}}}},
-        **error_responses(400, 404, 409, 413, 415, 422, 429, 503),
+        **error_responses(400, 404, 409, 413, 415, 422, 429, 503, 507),
     },
     dependencies=[Depends(require_json)],
 )
@@ -169,7 +171,7 @@ async def get_session(request: Request, session_id: SessionIdPath) -> Response:
     operation_id="stepSession",
     summary="Run timesteps through the session",
     response_model=StepResponse,
-    responses={200: {"headers": REPLAY_HEADER}, **error_responses(400, 404, 409, 413, 415, 422, 503)},
+    responses={200: {"headers": REPLAY_HEADER}, **error_responses(400, 404, 409, 413, 415, 422, 503, 507)},
     openapi_extra=STEP_BODY,
 )
 async def step_session(request: Request, session_id: SessionIdPath) -> Response:
@@ -178,7 +180,29 @@ async def step_session(request: Request, session_id: SessionIdPath) -> Response:
     call = parse_step(await _json_body(request))
     reply = await _sessions(request).apply(session_id, call, owner=owner_of(request))
     headers = {"Idempotent-Replay": "true"} if reply.replay else None
-    return _json({"session_id": reply.session_id, "step": reply.step, "outputs": reply.outputs}, headers=headers)
+    started = time.perf_counter()
+    response = _json({"session_id": reply.session_id, "step": reply.step, "outputs": reply.outputs}, headers=headers)
+    app_state(request.app).metrics.serialize_seconds.labels("http").observe(time.perf_counter() - started)
+    return response
+
+
+@router.post(
+    "/v1/sessions/{session_id}/generate",
+    tags=["sessions"],
+    operation_id="generate",
+    summary="Generate tokens through the session (token LMs), streamed as server-sent events",
+    response_class=Response,
+    responses={**GENERATE_RESPONSE, **error_responses(400, 404, 409, 413, 415, 422, 503)},
+    openapi_extra=GENERATE_BODY,
+)
+async def generate(request: Request, session_id: SessionIdPath) -> Response:
+    """Feed the prompt, then sample and feed one token per scheduler iteration (continuous
+    batching). Each token event is sent after the write that applied it; afterwards the session
+    has consumed the prompt and every generated token. Errors before the first token are the
+    usual problem replies (409 with ``current_step`` when ``step`` is not the session's)."""
+    call = parse_generate(await _json_body(request))
+    stream = await _sessions(request).generate(session_id, call, owner=owner_of(request))
+    return await sse_response(stream)
 
 
 @router.post(
@@ -188,7 +212,7 @@ async def step_session(request: Request, session_id: SessionIdPath) -> Response:
     summary="State back to initial, step 0",
     status_code=204,
     response_class=Response,
-    responses=error_responses(404, 409, 503),
+    responses=error_responses(404, 409, 503, 507),
 )
 async def reset_session(request: Request, session_id: SessionIdPath) -> Response:
     await _sessions(request).reset(session_id, owner=owner_of(request))
@@ -236,7 +260,7 @@ async def export_state(request: Request, session_id: SessionIdPath) -> Response:
     operation_id="importState",
     summary="Replace the session's state with an uploaded .npz",
     response_model=SessionMetadata,
-    responses=error_responses(404, 409, 413, 415, 422, 503),
+    responses=error_responses(404, 409, 413, 415, 422, 503, 507),
     openapi_extra=NPZ_BODY,
 )
 async def import_state(request: Request, session_id: SessionIdPath) -> Response:

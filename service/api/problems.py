@@ -1,6 +1,7 @@
 """The one place where the error catalogue (``service/errors.py``) meets the wire: RFC 9457
-problem details for HTTP (the exception handlers too), and for WebSockets the error message and
-the close code an error ends a connection with."""
+problem details for HTTP (the exception handlers too), for WebSockets the error message and
+the close code an error ends a connection with, and under ``/v2`` the Open Inference
+Protocol's ``{"error": "..."}``."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from starlette.responses import Response
 
 from service.errors import (
     CarryoverError,
+    IdleTimeout,
     InvalidJson,
     NotReady,
     Overloaded,
@@ -93,6 +95,28 @@ def problem_response(body: dict[str, Any], headers: dict[str, str] | None = None
     return Response(orjson.dumps(body), status_code=int(body["status"]), media_type=PROBLEM_MEDIA_TYPE, headers=out)
 
 
+# -- /v2 (Open Inference Protocol) -----------------------------------------------------------------
+V2_PREFIX = "/v2"
+V2_STATUS = {415: 400, 422: 400}  # the protocol answers every bad request with 400
+
+
+def is_v2(path: str) -> bool:
+    return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
+
+
+def v2_response(
+    status: int, detail: str, retry_after: float | None = None, headers: dict[str, str] | None = None
+) -> Response:
+    """``{"error": detail}`` with the status the protocol uses; 503s carry ``Retry-After``."""
+    status = V2_STATUS.get(status, status)
+    out = dict(headers or {})
+    if retry_after is None and status == 503:
+        retry_after = DEFAULT_RETRY_AFTER_S
+    if retry_after is not None:
+        out["Retry-After"] = str(max(1, round(float(retry_after))))
+    return Response(orjson.dumps({"error": detail}), status_code=status, media_type="application/json", headers=out)
+
+
 # -- WebSocket -------------------------------------------------------------------------------------
 def ws_error_message(error: CarryoverError, chunk_id: Any = None) -> str:
     """``{"type": "error", ...problem fields}``; the problem's ``type`` URI becomes ``problem_type``."""
@@ -111,7 +135,7 @@ def ws_close_code(error: CarryoverError) -> int | None:
         return CLOSE_TOO_BIG
     if error.status in (401, 429):  # no or unknown key, a per-key limit: a policy close
         return CLOSE_POLICY
-    if isinstance(error, SessionNotFound):
+    if isinstance(error, SessionNotFound | IdleTimeout):  # 4404, 4408
         return 4000 + error.status
     if error.status >= 500:
         return CLOSE_INTERNAL
@@ -134,6 +158,8 @@ async def _on_carryover_error(request: Request, exc: Exception) -> Response:
         raise exc  # a WebSocket's errors are its own transport's business
     if exc.status == 500:  # 503s are expected conditions, counted and in the access log
         log.error("%s %s: %s (request_id=%s)", request.method, request.url.path, exc.detail, _request_id(request))
+    if is_v2(request.url.path):
+        return v2_response(exc.status, exc.detail, exc.retry_after, dict(exc.headers))
     return problem_response(error_problem(exc, _request_id(request)), dict(exc.headers))
 
 
@@ -146,6 +172,8 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
         detail = f"no route matches {request.method} {request.url.path}"
     elif exc.status_code == 405 and detail == "Method Not Allowed":
         detail = f"{request.method} is not allowed on {request.url.path}; allowed: {headers.get('Allow', '')}"
+    if is_v2(request.url.path):
+        return v2_response(exc.status_code, detail, headers=headers)
     return problem_response(http_problem(exc.status_code, detail, request_id=_request_id(request)), headers)
 
 
@@ -169,6 +197,8 @@ async def _on_validation_error(request: Request, exc: Exception) -> Response:
         {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))} for e in errors
     ]
     detail = "; ".join(f"{_where(item['loc'])}: {item['msg']}" for item in items)
+    if is_v2(request.url.path):
+        return v2_response(400, detail)
     return problem_response(problem(422, "invalid_input", "Invalid input", detail, request_id=rid, errors=items))
 
 

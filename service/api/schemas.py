@@ -7,14 +7,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from fastapi import Path
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from service.api.problems import PROBLEM_MEDIA_TYPE
-from service.sessions import MAX_TTL_S, SESSION_ID
+from service.sessions import MAX_TTL_S, SESSION_ID, ModelContract, integral
 
 JSON_MEDIA_TYPE = "application/json"
 NPZ_MEDIA_TYPE = "application/x-npz"
+BINARY_MEDIA_TYPE = "application/octet-stream"
+FLOAT_BOUND = {"float16": 65_000.0, "float32": 3.4e38}  # finite after the cast to the input's dtype
 
 
 class TensorInfo(BaseModel):
@@ -63,11 +66,8 @@ class CreateSessionRequest(BaseModel):
         pattern=SESSION_ID.pattern,
         description="client-chosen id (1-128 of A-Z a-z 0-9 . _ ~ -); default: 128 random bits, URL-safe",
     )
-    ttl_s: int | None = Field(
+    ttl_s: Annotated[int, Field(ge=1, le=MAX_TTL_S, strict=True), BeforeValidator(integral)] | None = Field(
         None,
-        ge=1,
-        le=MAX_TTL_S,
-        strict=True,
         description="seconds without access before the session expires; default: the server's session_ttl_s",
     )
     fork_from: str | None = Field(None, description="start from a copy of this session's state and step")
@@ -182,6 +182,7 @@ ERROR_TEXT = {
     422: "Invalid input (`invalid_input`): the detail names the field or tensor",
     429: "The server holds its limit of sessions (`too_many_sessions`)",
     500: "Unexpected error (`internal`)",
+    507: "The session store is full (`store_full`: Redis at maxmemory, noeviction); stored sessions are kept",
     503: "Overloaded, shutting down, not ready or the session store is unavailable; see Retry-After",
 }
 
@@ -193,13 +194,21 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
             "description": ERROR_TEXT[status],
             "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
         }
-        if status == 503:
+        if status in (503, 507):
             entry["headers"] = {"Retry-After": {"description": "seconds", "schema": {"type": "integer"}}}
         out[status] = entry
     return out
 
 
-SessionIdPath = Annotated[str, Path(description="the session's id", examples=["q3Zr0m6xH3kAqj9Q7yW1nA"])]
+# The id rule is documented, not validated here: a path id that breaks it is 404, like any absent id.
+SessionIdPath = Annotated[
+    str,
+    Path(
+        description="the session's id",
+        examples=["q3Zr0m6xH3kAqj9Q7yW1nA"],
+        json_schema_extra={"pattern": SESSION_ID.pattern},
+    ),
+]
 REQUEST_ID_DOC = {
     "description": "the request's X-Request-ID if sane (1-128 of A-Z a-z 0-9 . _ -), else a generated one",
     "schema": {"type": "string"},
@@ -216,6 +225,45 @@ NPZ_BODY: dict[str, Any] = {
         "required": True,
         "description": "an .npz archive as GET .../state returns: one array per state tensor, optionally "
         "carryover_step and carryover_fingerprint (checked against the session's model)",
-        "content": {NPZ_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+        "content": {
+            NPZ_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
+            BINARY_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
+        },
     }
 }
+
+
+# -- the served models' inputs, exactly (built when the schema is first asked for) -----------------
+def inputs_schema(contracts: dict[str, ModelContract], max_steps: int) -> dict[str, Any]:
+    """The JSON schema of a step's ``inputs`` for the served models: per model an object with
+    each input as nested arrays of its exact shape behind a leading T axis (1..``max_steps``),
+    numbers finite in the input's dtype, token ids integers in [0, vocab). More than one model:
+    ``anyOf`` them, each titled with its model's name."""
+    variants = []
+    for name, c in contracts.items():
+        properties = {t.name: _tensor_schema(c, t.name, max_steps) for t in c.inputs}
+        variants.append(
+            {
+                "title": name,
+                "type": "object",
+                "properties": properties,
+                "required": list(properties),
+                "additionalProperties": False,
+            }
+        )
+    return variants[0] if len(variants) == 1 else {"anyOf": variants}
+
+
+def _tensor_schema(c: ModelContract, name: str, max_steps: int) -> dict[str, Any]:
+    t = next(t for t in c.inputs if t.name == name)
+    leaf: dict[str, Any]
+    if t.dtype.kind in "iu":
+        high = len(c.vocab) - 1 if c.vocab is not None else int(np.iinfo(t.dtype).max) - 1
+        leaf = {"type": "integer", "minimum": 0, "maximum": high}
+    else:
+        bound = FLOAT_BOUND.get(t.dtype.name, 1e300)
+        leaf = {"type": "number", "minimum": -bound, "maximum": bound}
+    for size in reversed(t.shape):
+        leaf = {"type": "array", "items": leaf, "minItems": size, "maxItems": size}
+    shape = ", ".join(["T", *map(str, t.shape)])
+    return {"type": "array", "items": leaf, "minItems": 1, "maxItems": max_steps, "description": f"[{shape}]"}

@@ -1,16 +1,20 @@
 """WebSocket streaming (docs/websocket.md, README): one connection streams chunks through one session. The
-protocol (messages, replies, close codes) is docs/websocket.md; its framing is ``ws_protocol``."""
+protocol (messages, replies, close codes) is docs/websocket.md; its framing is ``ws_protocol``.
+A ``generate`` message is answered by its token messages and then its ``done``, in its place in
+the reply order; a ``cancel`` message stops the generation it names (it has no reply)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, WebSocket
+from prometheus_client import Histogram
 
 from service.api.auth import auth_of, authenticate_websocket
 from service.api.problems import (
@@ -22,16 +26,28 @@ from service.api.problems import (
 )
 from service.api.state import app_state
 from service.api.ws_protocol import (
+    MESSAGE_TYPE,
     Chunk,
     decode_binary,
+    done_message,
     encode_result,
+    generate_call,
     message_size,
     read_text,
     session_message,
     text_chunk,
+    token_message,
 )
-from service.errors import CarryoverError, InvalidInput, PayloadTooLarge
-from service.sessions import ModelContract, SessionInfo, SessionService, StepCall, StepReply
+from service.errors import CarryoverError, IdleTimeout, InvalidInput, PayloadTooLarge
+from service.sessions import (
+    DoneEvent,
+    GenerationStream,
+    ModelContract,
+    SessionInfo,
+    SessionService,
+    StepCall,
+    StepReply,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +79,12 @@ async def stream_new_session(websocket: WebSocket, model: str | None = None) -> 
 # -- one connection ---------------------------------------------------------------------------------
 @dataclass(eq=False)
 class _Item:
-    """One entry of the reply queue: a chunk being stepped, a chunk already rejected, or the close."""
+    """One entry of the reply queue: a chunk being stepped, a generation, a chunk already
+    rejected, or the close."""
 
     chunk: Chunk | None = None
     task: asyncio.Task[StepReply] | None = None
+    generation: asyncio.Task[GenerationStream] | None = None
     error: CarryoverError | None = None
     close: tuple[int, str] | None = None
 
@@ -74,10 +92,24 @@ class _Item:
 Opener = Callable[[SessionService, str], Awaitable[SessionInfo]]
 
 
+@dataclass(frozen=True)
+class _Limits:
+    """One connection's limits: message bytes, pipelined chunks, and seconds of silence."""
+
+    max_bytes: int
+    max_in_flight: int
+    idle_timeout_s: float
+
+
 async def _serve(websocket: WebSocket, open_session: Opener) -> None:
     state = app_state(websocket.app)
     settings = state.settings
-    connection = _Connection(websocket, state.session_service(), settings.max_body_bytes, settings.ws_max_in_flight)
+    connection = _Connection(
+        websocket,
+        state.session_service(),
+        _Limits(settings.ws_message_limit, settings.ws_max_in_flight, settings.ws_idle_timeout_s),
+    )
+    connection.serialize_seconds = state.metrics.serialize_seconds.labels("ws")
     state.streams.add(connection)
     state.metrics.ws_connections.inc()
     try:
@@ -96,13 +128,14 @@ class _Connection:
     order, send its reply) joined by a queue; a semaphore of ``max_in_flight`` slots, taken before
     each read and given back after each reply, is the backpressure."""
 
-    def __init__(self, websocket: WebSocket, sessions: SessionService, max_bytes: int, max_in_flight: int) -> None:
+    def __init__(self, websocket: WebSocket, sessions: SessionService, limits: _Limits) -> None:
         self.websocket = websocket
         self.sessions = sessions
         self.owner = ""  # set by authentication, the first thing ``run`` does
         self.slot = contextlib.ExitStack()  # the owner's open-stream slot, held until the end
-        self.max_bytes = max_bytes
-        self.slots = asyncio.Semaphore(max_in_flight)
+        self.max_bytes = limits.max_bytes
+        self.idle_timeout_s = limits.idle_timeout_s
+        self.slots = asyncio.Semaphore(limits.max_in_flight)
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         self.finished = asyncio.Event()
         self.session_id = ""
@@ -111,7 +144,9 @@ class _Connection:
         self.writer: asyncio.Task[None] | None = None
         self.stop: tuple[int, str] | None = None  # set once: the close that ends this connection
         self.steps: set[asyncio.Task[StepReply]] = set()
+        self.generations: dict[asyncio.Task[GenerationStream], Any] = {}  # started, not yet answered: id
         self.closed = False
+        self.serialize_seconds: Histogram | None = None  # the /metrics stage "serialisation"
 
     async def run(self, open_session: Opener) -> None:
         try:
@@ -141,6 +176,7 @@ class _Connection:
             log.exception("WebSocket connection failed")
             self.stop = self.stop or (CLOSE_INTERNAL, "internal")
         finally:
+            self._cancel_generations()  # nobody will read them: stop at the next token boundary
             self.slot.close()
             for task in (self.reader, self.writer, *self.steps):
                 if task is not None:
@@ -155,6 +191,7 @@ class _Connection:
         if self.stop is not None:
             return
         self.stop = (code, reason)
+        self._cancel_generations()  # answered with their tokens so far and a "cancelled" done
         if self.reader is not None:
             self.reader.cancel()
             self.queue.put_nowait(_Item(close=self.stop))
@@ -170,7 +207,11 @@ class _Connection:
         while True:
             await self.slots.acquire()
             try:
-                message = await self.websocket.receive()
+                message = await self._receive()
+            except TimeoutError:
+                idle = IdleTimeout(f"no message for {self.idle_timeout_s:g} s (setting ws_idle_timeout_s)")
+                self.queue.put_nowait(_Item(error=idle))
+                return False
             except Exception:  # the transport failed under us: as good as a disconnect
                 log.debug("WebSocket receive failed", exc_info=True)
                 return True
@@ -178,7 +219,9 @@ class _Connection:
                 return True
             try:
                 if message_size(message) > self.max_bytes:
-                    error = PayloadTooLarge(f"the message is over the limit of {self.max_bytes} bytes")
+                    error = PayloadTooLarge(
+                        f"the message is over the limit of {self.max_bytes} bytes (setting ws_max_message_bytes)"
+                    )
                     self.queue.put_nowait(_Item(error=error))
                     return False
                 await self.sessions.admit(self.owner)  # the key's rate limit: each chunk is a request
@@ -190,15 +233,39 @@ class _Connection:
                 log.exception("WebSocket chunk could not be started")
                 self.queue.put_nowait(_Item(error=CarryoverError("internal error while reading the message")))
                 return False
+            if item is None:  # a cancel: no reply of its own
+                self.slots.release()
+                continue
             self.queue.put_nowait(item)
 
-    def _start(self, message: Mapping[str, Any]) -> _Item:
+    async def _receive(self) -> Mapping[str, Any]:
+        """The next message; ``TimeoutError`` after ``idle_timeout_s`` of silence with nothing in
+        flight (a client waiting for a long chunk's reply is not idle)."""
+        while True:
+            try:
+                async with asyncio.timeout(self.idle_timeout_s):
+                    return await self.websocket.receive()
+            except TimeoutError:
+                if not self.steps and not self.generations and self.queue.empty():
+                    raise
+
+    def _start(self, message: Mapping[str, Any]) -> _Item | None:
         assert self.contract is not None
         text = message.get("text")
         chunk_id = None
         try:
             if text is not None:
                 data, chunk_id = read_text(text)
+                kind = data.get(MESSAGE_TYPE)
+                if kind == "cancel":
+                    self._cancel_generations(chunk_id)
+                    return None
+                if kind == "generate":
+                    return self._start_generation(data, chunk_id)
+                if kind is not None:
+                    raise InvalidInput(
+                        f"unknown message type {kind!r:.40}; types: 'generate', 'cancel', or none (a step)"
+                    )
                 chunk = text_chunk(data, chunk_id)
             else:
                 chunk = decode_binary(self.contract, message.get("bytes") or b"")
@@ -208,6 +275,20 @@ class _Connection:
         self.steps.add(task)
         task.add_done_callback(self._step_done)
         return _Item(chunk=chunk, task=task)
+
+    def _start_generation(self, data: dict[str, Any], chunk_id: Any) -> _Item:
+        call = generate_call(data)  # InvalidInput: answered in its place
+        task = asyncio.create_task(self.sessions.generate(self.session_id, call, owner=self.owner))
+        self.generations[task] = chunk_id
+        task.add_done_callback(_retrieve)
+        return _Item(chunk=Chunk(StepCall({}), id=chunk_id), generation=task)
+
+    def _cancel_generations(self, chunk_id: Any = None) -> None:
+        """Cancel the started generations (those with ``chunk_id``, when given) at their next
+        token boundary; one not yet running is cancelled as soon as it has started."""
+        for task, started_id in list(self.generations.items()):
+            if chunk_id is None or started_id == chunk_id:
+                task.add_done_callback(_cancel_stream)
 
     def _step_done(self, task: asyncio.Task[StepReply]) -> None:
         self.steps.discard(task)
@@ -229,8 +310,18 @@ class _Connection:
             try:
                 if item.error is not None:
                     raise item.error
-                assert item.task is not None
-                reply: str | bytes = encode_result(chunk, await item.task, self.contract)
+                if item.generation is not None:
+                    done = await self._stream(item.generation, chunk.id)
+                    if done is None:
+                        return  # the client is gone
+                    reply: str | bytes = done
+                else:
+                    assert item.task is not None
+                    result = await item.task
+                    started = time.perf_counter()
+                    reply = encode_result(chunk, result, self.contract)
+                    if self.serialize_seconds is not None:
+                        self.serialize_seconds.observe(time.perf_counter() - started)
             except CarryoverError as e:
                 reply = ws_error_message(e, chunk.id)
                 if (code := ws_close_code(e)) is not None:
@@ -243,6 +334,23 @@ class _Connection:
                 return
             self.slots.release()
 
+    async def _stream(self, task: asyncio.Task[GenerationStream], chunk_id: Any) -> str | None:
+        """Send a generation's token messages; its done message to send, or None if the client
+        went away (the generation then stops at the next token boundary)."""
+        try:
+            stream = await task
+            try:
+                async for event in stream:
+                    if isinstance(event, DoneEvent):
+                        return done_message(event, chunk_id)
+                    if not await self._send(token_message(event, chunk_id)):
+                        return None
+            finally:
+                stream.cancel()
+        finally:
+            self.generations.pop(task, None)
+        raise CarryoverError("the generation ended without a done event")
+
     async def _send(self, data: str | bytes) -> bool:
         """Send one frame; False when the client is gone."""
         try:
@@ -254,3 +362,13 @@ class _Connection:
             log.debug("WebSocket send failed: the client is gone", exc_info=True)
             return False
         return True
+
+
+def _retrieve(task: asyncio.Task[GenerationStream]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved here too: a generation whose reply was cut short is not a leak
+
+
+def _cancel_stream(task: asyncio.Task[GenerationStream]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().cancel()

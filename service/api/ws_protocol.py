@@ -13,10 +13,21 @@ import numpy as np
 import orjson
 
 from service.errors import InvalidInput
-from service.sessions import ModelContract, SessionInfo, StepCall, StepReply, parse_step
+from service.sessions import (
+    DoneEvent,
+    GenerateCall,
+    ModelContract,
+    SessionInfo,
+    StepCall,
+    StepReply,
+    TokenEvent,
+    parse_generate,
+    parse_step,
+)
 
 REPLY_HEADER = struct.Struct("<qII")  # step, T, O: the header of a binary reply
 CHUNK_ID = "id"  # the one field of a text chunk that is the WebSocket's own, not the step's
+MESSAGE_TYPE = "type"  # absent: a step chunk; "generate" / "cancel": a generation's messages
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,37 @@ def text_chunk(data: dict[str, Any], chunk_id: Any) -> Chunk:
     """The chunk of a text message's object: the step envelope, parsed by ``parse_step``. Shapes
     are checked later, against the model, by ``SessionService``."""
     return Chunk(parse_step(data, transport_fields=frozenset({CHUNK_ID})), chunk_id)
+
+
+def generate_call(data: dict[str, Any]) -> GenerateCall:
+    """The generation of a ``{"type": "generate", "prompt": ..., "id": ...?}`` message."""
+    return parse_generate(data, transport_fields=frozenset({CHUNK_ID, MESSAGE_TYPE}))
+
+
+def token_message(event: TokenEvent, chunk_id: Any) -> str:
+    """One generated token, as the generate message's reply stream sends it."""
+    message = {"type": "token", "token": event.token, "text": event.text, "step": event.step}
+    return _with_id(message, chunk_id)
+
+
+def done_message(event: DoneEvent, chunk_id: Any) -> str:
+    """The end of a generation; ``logits`` (the prediction after the last token) when it ran."""
+    message: dict[str, Any] = {
+        "type": "done",
+        "step": event.step,
+        "tokens": list(event.tokens),
+        "text": event.text,
+        "finish_reason": event.finish_reason,
+    }
+    if event.logits is not None:
+        message["logits"] = np.ascontiguousarray(event.logits, dtype=np.float32)
+    return _with_id(message, chunk_id)
+
+
+def _with_id(message: dict[str, Any], chunk_id: Any) -> str:
+    if chunk_id is not None:
+        message["id"] = chunk_id
+    return orjson.dumps(message, option=orjson.OPT_SERIALIZE_NUMPY).decode()
 
 
 def parse_text(text: str) -> Chunk:

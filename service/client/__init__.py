@@ -17,7 +17,15 @@ outputs (``Idempotent-Replay: true``) instead of applying it twice.
 from __future__ import annotations
 
 from service.client.aio import AsyncClient, AsyncSession
-from service.client.core import RETRYABLE_STATUS, CarryoverClientError, RetryPolicy, StepResult
+from service.client.core import (
+    RETRYABLE_STATUS,
+    CarryoverClientError,
+    GeneratedToken,
+    GenerationDone,
+    GenerationEvent,
+    RetryPolicy,
+    StepResult,
+)
 from service.client.sync import Client, Session
 
 __all__ = [
@@ -26,6 +34,9 @@ __all__ = [
     "AsyncSession",
     "CarryoverClientError",
     "Client",
+    "GeneratedToken",
+    "GenerationDone",
+    "GenerationEvent",
     "RetryPolicy",
     "Session",
     "StepResult",

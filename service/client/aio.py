@@ -5,14 +5,14 @@ decisions are in ``core.py``."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import httpx
 import numpy as np
 
 from service.client import core
-from service.client.core import Call, RetryPolicy, SessionCore, StepResult
+from service.client.core import Call, CarryoverClientError, GenerationEvent, RetryPolicy, SessionCore, StepResult
 
 T = TypeVar("T")
 
@@ -40,6 +40,24 @@ class AsyncSession(SessionCore):
                 if window.done:
                     return
                 yield window.received(await ws.recv())
+
+    async def generate(self, prompt: str | Sequence[int] = "", **options: Any) -> AsyncIterator[GenerationEvent]:
+        """Generate on the server (token LMs); as :meth:`service.client.Session.generate`."""
+        from httpx_sse import aconnect_sse
+
+        request = self.generate_request(prompt, **options)
+        try:
+            async with aconnect_sse(
+                self.client.http, request.method, request.path, content=request.content, headers=request.headers
+            ) as source:
+                if source.response.status_code >= 400:
+                    await source.response.aread()
+                    raise CarryoverClientError.from_reply(source.response)
+                async for sse in source.aiter_sse():
+                    if (event := self.generation_event(sse.event, sse.data)) is not None:
+                        yield event
+        except httpx.TransportError as e:
+            raise CarryoverClientError(0, "transport", str(e)) from e
 
     async def info(self) -> dict[str, Any]:
         """The session's metadata (``step``, ``expires_in``, ...)."""

@@ -14,7 +14,7 @@ twice.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -26,6 +26,7 @@ MAX_RETRY_AFTER_S = 30.0
 MAX_BACKOFF_S = 5.0
 JSON = {"Content-Type": "application/json"}
 NPZ = {"Content-Type": "application/x-npz"}
+SSE = {"Content-Type": "application/json", "Accept": "text/event-stream"}
 
 T_co = TypeVar("T_co", covariant=True)
 R = TypeVar("R", bound="Reply")
@@ -163,6 +164,68 @@ def parse_npz(reply: Reply) -> dict[str, np.ndarray]:
     return {k: archive[k] for k in archive.files}
 
 
+@dataclass(frozen=True)
+class GeneratedToken:
+    """One token of a server-side generation; ``step`` is the session's step count after it."""
+
+    token: int
+    text: str
+    step: int
+
+
+@dataclass(frozen=True)
+class GenerationDone:
+    """The end of a generation: every token, their text, and why it stopped (``length``,
+    ``stop`` or ``cancelled``)."""
+
+    step: int
+    tokens: list[int]
+    text: str
+    finish_reason: str
+
+
+GenerationEvent = GeneratedToken | GenerationDone
+
+
+def generate_body(
+    prompt: str | Sequence[int],
+    step: int | None,
+    *,
+    max_tokens: int,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] | None = None,
+) -> bytes:
+    """The JSON body of ``POST /v1/sessions/{id}/generate`` (unset options left to the server)."""
+    body: dict[str, Any] = {
+        "prompt": prompt if isinstance(prompt, str) else [int(t) for t in prompt],
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "seed": seed,
+        "stop": list(stop) if stop is not None else None,
+        "step": step,
+    }
+    return orjson.dumps({k: v for k, v in body.items() if v is not None})
+
+
+def parse_generation_event(event: str, data: str) -> GenerationEvent | None:
+    """One server-sent event of a generation: a token (the default ``message`` event), ``done``,
+    or ``error`` (raises :class:`CarryoverClientError` with its problem fields); others: None."""
+    if event not in {"message", "done", "error"}:
+        return None  # e.g. a keep-alive comment the server may add
+    payload: dict[str, Any] = orjson.loads(data)
+    if event == "error":
+        raise CarryoverClientError.from_message(payload)
+    if event == "done":
+        tokens = [int(t) for t in payload["tokens"]]
+        return GenerationDone(int(payload["step"]), tokens, str(payload["text"]), str(payload["finish_reason"]))
+    return GeneratedToken(int(payload["token"]), str(payload["text"]), int(payload["step"]))
+
+
 def parse_message(raw: str | bytes) -> dict[str, Any]:
     """A JSON WebSocket message; an error message raises :class:`CarryoverClientError`."""
     message: dict[str, Any] = orjson.loads(raw)
@@ -217,6 +280,19 @@ class SessionCore:
             return result.outputs
 
         return Call(Request("POST", f"{self.path}/step", step_body(inputs, self.step_count), JSON), parse)
+
+    def generate_request(self, prompt: str | Sequence[int] = "", **options: Any) -> Request:
+        """A server-side generation (token LMs), answered with server-sent events. It carries the
+        current ``step``, so it starts only from the state this client last saw (else 409, before
+        any token). Not retried: it advances the session as it streams."""
+        return Request("POST", f"{self.path}/generate", generate_body(prompt, self.step_count, **options), SSE)
+
+    def generation_event(self, event: str, data: str) -> GenerationEvent | None:
+        """Parse one event of :meth:`generate_request`'s stream, following the step count."""
+        parsed = parse_generation_event(event, data)
+        if parsed is not None:
+            self.step_count = parsed.step
+        return parsed
 
     def info_call(self) -> Call[dict[str, Any]]:
         def parse(reply: Reply) -> dict[str, Any]:

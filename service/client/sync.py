@@ -4,14 +4,14 @@ for streams. All protocol decisions are in ``core.py``."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import httpx
 import numpy as np
 
 from service.client import core
-from service.client.core import Call, RetryPolicy, SessionCore, StepResult
+from service.client.core import Call, CarryoverClientError, GenerationEvent, RetryPolicy, SessionCore, StepResult
 
 T = TypeVar("T")
 
@@ -39,6 +39,28 @@ class Session(SessionCore):
                 if window.done:
                     return
                 yield window.received(ws.recv())
+
+    def generate(self, prompt: str | Sequence[int] = "", **options: Any) -> Iterator[GenerationEvent]:
+        """Generate on the server (token LMs): feed ``prompt`` (text or ids), then sample
+        ``max_tokens`` (``temperature``: 0 is greedy; ``top_k``, ``top_p``, ``seed``, ``stop``).
+        Yields a :class:`GeneratedToken` per token as it streams, then a :class:`GenerationDone`;
+        the session keeps everything generated. Stopping early stops the server at a token
+        boundary."""
+        from httpx_sse import connect_sse
+
+        request = self.generate_request(prompt, **options)
+        try:
+            with connect_sse(
+                self.client.http, request.method, request.path, content=request.content, headers=request.headers
+            ) as source:
+                if source.response.status_code >= 400:
+                    source.response.read()
+                    raise CarryoverClientError.from_reply(source.response)
+                for sse in source.iter_sse():
+                    if (event := self.generation_event(sse.event, sse.data)) is not None:
+                        yield event
+        except httpx.TransportError as e:
+            raise CarryoverClientError(0, "transport", str(e)) from e
 
     def info(self) -> dict[str, Any]:
         """The session's metadata (``step``, ``expires_in``, ...)."""

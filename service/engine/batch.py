@@ -4,20 +4,70 @@ A request's inputs are cut into chunks; the chunks of one batch are padded into 
 with a ``[B, T]`` mask (True where a row has a real timestep) and the rows' states stacked into
 ``[B, ...]``; the model's result is sliced back into each row's own outputs and state. Padding
 is always at the end of a row, and the model carries the state through masked steps, so a row's
-slice equals running its chunk alone.
+slice equals running its chunk alone. ``StepRequest`` is one request's progress through its
+chunks (and, for a generation's row, through its iterations).
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from service.engine.contract import ModelContract
+from service.engine.generation import Generation
 from service.engine.model import BatchResult
+from service.store.store import SessionRecord
 
 Chunk = dict[str, np.ndarray]  # one request's inputs for some timesteps: name -> [T, ...]
+
+
+@dataclass(frozen=True)
+class StepReply:
+    session_id: str
+    step: int  # the session's step count after this request
+    outputs: dict[str, np.ndarray]  # [T, ...] per output
+    replay: bool = False
+
+
+@dataclass(eq=False)
+class StepRequest:
+    """One validated step request; ``chunks`` are its inputs cut at ``max_chunk`` steps."""
+
+    session_id: str
+    owner: str
+    chunks: list[Chunk]
+    expected_step: int | None
+    digest: str
+    future: asyncio.Future[StepReply]
+    arrival: int = 0  # key in the scheduler's queue
+    next_chunk: int = 0
+    base: SessionRecord | None = None  # the record as loaded before chunk 0
+    states: dict[str, np.ndarray] = field(default_factory=dict)  # after the chunks applied so far
+    outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
+    attempts: int = 0
+    queued_at: float = field(default_factory=time.perf_counter)  # for the queue-wait histogram
+    generation: Generation | None = None  # set for a generation's row: it re-enters the queue
+
+    @property
+    def total_steps(self) -> int:
+        return sum(chunk_steps(c) for c in self.chunks)
+
+    @property
+    def chunk_steps(self) -> int:
+        # An empty prompt has no chunk yet: its first token is sampled at admission.
+        return chunk_steps(self.chunks[self.next_chunk]) if self.chunks else 1
+
+    def restart(self) -> None:
+        """Forget progress: nothing of it was written, so the request runs again from Redis."""
+        self.next_chunk, self.base, self.states, self.outputs = 0, None, {}, []
+        self.attempts += 1
+        if self.generation is not None:
+            self.generation.restart()
+            self.chunks = self.generation.prompt_chunks
 
 
 @dataclass(frozen=True)

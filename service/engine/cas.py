@@ -46,6 +46,7 @@ async def rewrite(
             updated_at=time.time(),
             last_digest="",
             last_reply=b"",
+            last_prediction=b"",
             expires_in=float(current.ttl_s),
         )
         (outcome,) = await store.save([(new, current.revision)])

@@ -14,6 +14,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -103,6 +104,9 @@ class RecurrentModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
+        # ORT's pool threads spin while waiting for work; on a box whose cores also run the event
+        # loop and Redis that spinning takes their CPU (see docs/bench/README.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         self._options = options
         wanted = resolve_providers(providers)
@@ -145,6 +149,26 @@ class RecurrentModel:
         # Outputs the graph leaves symbolic are measured by the warm-up, so it runs regardless.
         if warm_up or self.contract.unmeasured:
             self._warm_up()
+
+    def describe(self, name: str, *, default: bool) -> dict[str, Any]:
+        """What ``GET /v1/models`` says about this model, served as ``name``."""
+        c = self.contract
+        entry: dict[str, Any] = {
+            "name": name,
+            "fingerprint": self.fingerprint,
+            "kind": c.kind,
+            "form": c.form,
+            "provider": self.provider,
+            "default": default,
+            "inputs": [t.describe() for t in c.inputs],
+            "outputs": [t.describe() for t in c.outputs],
+            "states": [s.describe() for s in c.states],
+        }
+        if c.kind == "token_lm":
+            vocab = c.vocab or ()
+            entry["vocab"] = "".join(vocab) if all(len(v) == 1 for v in vocab) else list(vocab)
+            entry["unk_id"] = c.unk_id
+        return entry
 
     def _session(self, model: str | onnx.ModelProto, providers: list[str]) -> ort.InferenceSession:
         source = model if isinstance(model, str) else model.SerializeToString()

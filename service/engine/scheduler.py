@@ -1,19 +1,20 @@
 """The ragged micro-batcher (docs/architecture.md): one per model per process.
 
-It decides *what* runs (the policy); ``batch.py`` pads the chosen rows into one batch and slices
-the result back, ``RecurrentModel`` runs it, and ``SessionStore`` keeps the state.
+It decides *what* runs (the policy): ``admission.py`` judges each loaded record, ``batch.py``
+pads the chosen rows into one batch, ``RecurrentModel`` runs it, ``SessionStore`` keeps the state.
 
 * Requests wait in one arrival-ordered queue (bounded: ``Overloaded`` when full).
-* A batch takes, in arrival order, the first waiting request of each session that is not
-  already in flight, up to ``max_batch_size`` rows and ``max_batch_tokens`` timesteps; it waits
-  up to ``max_wait_us`` for more only while the device is busy.
-* Long requests are cut into chunks of ``max_chunk`` steps. A request's chunks run in
-  consecutive batches with its intermediate state held in memory; only the last chunk writes,
-  so a request is applied whole or not at all, and a client that goes away mid-request leaves
-  the session untouched (unless its final write had already begun, in which case it lands whole).
+* A batch takes, in arrival order, the first waiting request of each session not in flight, up
+  to ``max_batch_size`` rows and ``max_batch_tokens`` timesteps; it waits up to ``max_wait_us``
+  for more only while the device is busy.
+* Long requests run in ``max_chunk`` chunks in consecutive batches, their intermediate state in
+  memory; only the last chunk writes, so a request is applied whole or not at all.
 * Pipelining: while batch k runs in the device thread, batch k+1 is gathered and its states
-  loaded (one Redis round trip); batch k's write (one round trip, CAS per session) overlaps
-  with batch k+1's run.
+  loaded (one round trip); batch k's write (one round trip, CAS per session) overlaps k+1's run.
+* Generations (continuous batching, ``generation.py``): a generation's row re-enters the queue
+  at its back after every iteration with its next token as input, its state in memory and its
+  base the record it just wrote; its session's other requests wait until it ends. Every batch
+  writes its generations' iterations, then samples their next tokens in one vectorised call.
 """
 
 from __future__ import annotations
@@ -25,19 +26,20 @@ import itertools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 
 from service.config import Settings
-from service.engine.batch import chunk_steps, join_chunks, pad_batch, split_chunks, unpad_rows
+from service.engine.admission import admission, last_prediction, replay_copy, replayed
+from service.engine.batch import StepReply, StepRequest, join_chunks, pad_batch, split_chunks, unpad_rows
 from service.engine.buckets import padding_ratio, plan_buckets
 from service.engine.cas import MAX_ATTEMPTS
+from service.engine.generation import Generation, advance, first_inputs
 from service.engine.model import BatchResult, RecurrentModel
-from service.engine.tensors import pack_arrays, states_from_bytes, states_to_bytes, unpack_arrays
+from service.engine.tensors import states_from_bytes, states_to_bytes
 from service.errors import (
     CarryoverError,
-    ModelMismatch,
     Overloaded,
     SessionCorrupt,
     SessionNotFound,
@@ -49,46 +51,8 @@ from service.metrics import Metrics
 from service.store.store import SessionRecord, SessionStore, WriteOutcome
 
 log = logging.getLogger(__name__)
+__all__ = ["Scheduler", "StepReply", "StepRequest"]
 PIPELINE_DEPTH = 2  # batches between gather and write: one on the device, one being prepared
-
-
-@dataclass(frozen=True)
-class StepReply:
-    session_id: str
-    step: int  # the session's step count after this request
-    outputs: dict[str, np.ndarray]  # [T, ...] per output
-    replay: bool = False
-
-
-@dataclass(eq=False)
-class StepRequest:
-    """One validated step request; ``chunks`` are its inputs cut at ``max_chunk`` steps."""
-
-    session_id: str
-    owner: str
-    chunks: list[dict[str, np.ndarray]]
-    expected_step: int | None
-    digest: str
-    future: asyncio.Future[StepReply]
-    arrival: int = 0  # key in the scheduler's queue
-    next_chunk: int = 0
-    base: SessionRecord | None = None  # the record as loaded before chunk 0
-    states: dict[str, np.ndarray] = field(default_factory=dict)  # after the chunks applied so far
-    outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
-    attempts: int = 0
-
-    @property
-    def total_steps(self) -> int:
-        return sum(chunk_steps(c) for c in self.chunks)
-
-    @property
-    def chunk_steps(self) -> int:
-        return chunk_steps(self.chunks[self.next_chunk])
-
-    def restart(self) -> None:
-        """Forget progress: nothing of it was written, so the request runs again from Redis."""
-        self.next_chunk, self.base, self.states, self.outputs = 0, None, {}, []
-        self.attempts += 1
 
 
 class Scheduler:
@@ -103,6 +67,7 @@ class Scheduler:
         self._queue: dict[int, StepRequest] = {}  # arrival order
         self._arrivals = itertools.count()
         self._in_flight: set[str] = set()
+        self._generating: dict[str, StepRequest] = {}  # session -> its running generation's row
         self._changed = asyncio.Event()
         self._device = asyncio.Lock()
         self._slots = asyncio.Semaphore(PIPELINE_DEPTH)
@@ -113,14 +78,19 @@ class Scheduler:
         self.batches = 0  # counters for benchmarks and tests
         self.model_calls = 0
         self.call_shapes: collections.deque[tuple[int, int]] = collections.deque(maxlen=100_000)  # (B, T)
+        self.generation_rows: collections.deque[int] = collections.deque(maxlen=100_000)  # per batch
 
     # -- public -----------------------------------------------------------------------------
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._run(), name=f"scheduler-{self.name}")
 
     async def stop(self, timeout_s: float = 30.0) -> None:
-        """Stop accepting; finish what is queued and in flight (their writes included)."""
+        """Stop accepting; finish what is queued and in flight (their writes included); running
+        generations stop at their next token boundary (``cancelled``)."""
         self._stopping = True
+        for r in self._queue.values():  # generations end at their next token boundary
+            if r.generation is not None:
+                r.generation.cancel()
         self._changed.set()
         if self._loop_task is not None:
             with contextlib.suppress(asyncio.TimeoutError):
@@ -137,17 +107,25 @@ class Scheduler:
         return len(self._queue)
 
     def submit(
-        self, session_id: str, owner: str, inputs: dict[str, np.ndarray], expected_step: int | None, digest: str
+        self,
+        session_id: str,
+        owner: str,
+        inputs: dict[str, np.ndarray],
+        expected_step: int | None,
+        digest: str,
+        generation: Generation | None = None,
     ) -> asyncio.Future[StepReply]:
-        """Queue a validated request; the future resolves after its write succeeded."""
+        """Queue a validated request; the future resolves after its write succeeded (for a
+        ``generation``, after its last iteration: its tokens arrive on ``generation.events``)."""
         if self._stopping:
             raise ShuttingDown("the server is shutting down", retry_after=1)
         if len(self._queue) >= self.settings.max_queue:
             raise Overloaded(f"{len(self._queue)} requests are queued for model {self.name!r}", retry_after=1)
         future: asyncio.Future[StepReply] = asyncio.get_running_loop().create_future()
-        request = StepRequest(
-            session_id, owner, split_chunks(inputs, self.settings.max_chunk), expected_step, digest, future
-        )
+        chunks = split_chunks(inputs, self.settings.max_chunk)
+        request = StepRequest(session_id, owner, chunks, expected_step, digest, future, generation=generation)
+        if generation is not None:
+            generation.prompt_chunks = chunks
         request.arrival = next(self._arrivals)
         self._queue[request.arrival] = request
         self._gauge()
@@ -163,6 +141,8 @@ class Scheduler:
             if r.future.done():  # the client went away: nothing of it was written, drop it
                 del self._queue[key]
                 continue
+            if self._generating.get(r.session_id, r) is not r:
+                continue  # the session's generation goes first, however often it re-enters the queue
             if r.session_id in seen or r.session_id in self._in_flight:
                 seen.add(r.session_id)  # a session's later requests wait for its earlier ones
                 continue
@@ -195,6 +175,7 @@ class Scheduler:
                     rows = self._eligible()
             if rows:
                 self._in_flight.update(r.session_id for r in rows)
+                self._generating.update((r.session_id, r) for r in rows if r.generation is not None)
                 return rows
             if self._stopping and not self._queue and all(t.done() for t in self._tasks):
                 return None
@@ -214,14 +195,16 @@ class Scheduler:
     # -- one batch --------------------------------------------------------------------------
     async def _process(self, batch: list[StepRequest]) -> None:
         try:
-            runnable = [r for r in batch if r.next_chunk > 0] + await self._admit(
-                [r for r in batch if r.next_chunk == 0]
+            runnable = [r for r in batch if r.base is not None] + await self._admit(
+                [r for r in batch if r.base is None]
             )
+            runnable = [r for r in runnable if not self._cancelled(r)]
+            self.generation_rows.append(sum(r.generation is not None for r in runnable))
             if runnable:
                 await self._run_model(runnable)
             finals = [r for r in runnable if not r.future.done() and r.next_chunk == len(r.chunks)]
             if finals:
-                await self._write(finals)
+                self._advance(await self._write(finals))
         except Exception as e:  # a bug or a model failure: fail this batch, keep serving
             log.exception("batch failed")
             for r in batch:
@@ -242,6 +225,10 @@ class Scheduler:
             return []
         try:
             started = time.perf_counter()
+            if self.metrics:
+                wait = self.metrics.queue_wait.labels(self.name)
+                for r in fresh:
+                    wait.observe(started - r.queued_at)
             records = await self.store.load([r.session_id for r in fresh])
             self._observe_redis("load", started)
         except StoreUnavailable as e:
@@ -250,25 +237,13 @@ class Scheduler:
             return []
         admitted = []
         for r, rec in zip(fresh, records, strict=True):
-            # The one owner and model check of a step: on the record this batch reads (and its
-            # write's CAS is based on); SessionService only routes the request here.
-            if isinstance(rec, SessionCorrupt):  # fails this request only; the batch goes on
-                self._fail(r, rec)
-            elif rec is None or rec.owner != r.owner:
-                self._fail(r, SessionNotFound(f"session {r.session_id!r} does not exist or has expired"))
-            elif rec.fingerprint != self.model.fingerprint or rec.model != self.name:
-                self._fail(r, ModelMismatch(f"session {r.session_id!r} holds state of another model"))
-            elif r.expected_step is not None and r.expected_step != rec.step:
-                if r.digest == rec.last_digest and r.expected_step + r.total_steps == rec.step:
-                    await self._replay(r)
-                else:
-                    self._fail(
-                        r,
-                        StepConflict(
-                            f"the session is at step {rec.step}, not {r.expected_step}", current_step=rec.step
-                        ),
-                    )
+            verdict = admission(r, rec, self.name, self.model.fingerprint)
+            if isinstance(verdict, CarryoverError):
+                self._fail(r, verdict)
+            elif verdict == "replay":
+                await self._replay(r)
             else:
+                assert isinstance(rec, SessionRecord)
                 try:
                     r.states = states_from_bytes(self.model.contract, rec.states)
                 except ValueError as e:  # a truncated or missing state tensor
@@ -276,7 +251,18 @@ class Scheduler:
                     continue
                 r.base = rec
                 admitted.append(r)
-        return admitted
+        return self._first_tokens(admitted)
+
+    def _first_tokens(self, admitted: list[StepRequest]) -> list[StepRequest]:
+        """Generations with an empty prompt start from the session's stored last prediction."""
+        starting = [r for r in admitted if r.generation is not None and not r.chunks]
+        replies = [r.base.last_prediction if r.base else b"" for r in starting]
+        for r, first in zip(starting, first_inputs([r.generation for r in starting], replies), strict=True):
+            if isinstance(first, CarryoverError):
+                self._fail(r, first)
+            else:
+                r.chunks = [first]
+        return [r for r in admitted if not r.future.done()]
 
     async def _replay(self, r: StepRequest) -> None:
         """The request was already applied (its reply was lost): answer with the stored outputs."""
@@ -285,12 +271,11 @@ class Scheduler:
         except StoreUnavailable as e:
             self._fail(r, e)
             return
-        if isinstance(rec, SessionCorrupt):
-            self._fail(r, rec)
-        elif rec is None or rec.last_digest != r.digest or not rec.last_reply:
-            self._fail(r, StepConflict("the session changed while replaying", current_step=rec.step if rec else None))
+        reply = replayed(r, rec)
+        if isinstance(reply, CarryoverError):
+            self._fail(r, reply)
         else:
-            self._resolve(r, StepReply(r.session_id, rec.step, unpack_arrays(rec.last_reply), replay=True))
+            self._resolve(r, reply)
 
     async def _run_model(self, rows: list[StepRequest]) -> None:
         groups = plan_buckets([r.chunk_steps for r in rows], self.settings.bucket_overhead_tokens)
@@ -317,8 +302,9 @@ class Scheduler:
         batch = pad_batch(self.model.contract, [r.chunks[r.next_chunk] for r in rows], [r.states for r in rows])
         return self.model.run(batch.inputs, batch.mask, batch.states)
 
-    async def _write(self, finals: list[StepRequest]) -> None:
-        """One pipelined round trip; each session's write is a CAS on the revision it was read at."""
+    async def _write(self, finals: list[StepRequest]) -> list[StepRequest]:
+        """One pipelined round trip; each session's write is a CAS on the revision it was read at.
+        Returns the generations whose iteration landed (their base is now the written record)."""
         now = time.time()
         writes = []
         replies = []
@@ -331,33 +317,65 @@ class Scheduler:
                 revision=r.base.revision + 1,
                 states=states_to_bytes(self.model.contract, r.states),
                 updated_at=now,
-                last_digest=r.digest,
-                last_reply=pack_arrays(outputs),
+                last_digest=r.digest if r.expected_step is not None else "",
+                last_reply=replay_copy(r, outputs, self.settings.replay_max_bytes),
+                last_prediction=last_prediction(self.model.contract, outputs),
                 expires_in=None,
             )
             writes.append((record, r.base.revision))
             replies.append(StepReply(r.session_id, record.step, outputs))
         try:
             started = time.perf_counter()
-            outcomes = await self.store.save(writes)
+            outcomes = await self.store.save(writes, replay_window_s=self.settings.replay_window_s)
             self._observe_redis("save", started)
         except StoreUnavailable as e:
             for r in finals:  # the write may or may not have landed: a retry with `step` tells
                 self._fail(r, e)
-            return
-        for r, reply, outcome in zip(finals, replies, outcomes, strict=True):
+            return []
+        landed = []
+        for r, reply, (record, _), outcome in zip(finals, replies, writes, outcomes, strict=True):
             if outcome is WriteOutcome.OK:
                 if self.metrics:
                     self.metrics.steps.labels(self.name).inc(r.total_steps)
-                self._resolve(r, reply)
+                if r.generation is None:
+                    self._resolve(r, reply)
+                else:
+                    r.base = record
+                    landed.append(r)
             elif outcome is WriteOutcome.MISSING:
                 self._fail(r, SessionNotFound(f"session {r.session_id!r} was deleted"))
+            elif r.generation is not None and r.generation.started:  # tokens were streamed: no rerun
+                self._fail(r, StepConflict(f"session {r.session_id!r} was changed by another writer mid-generation"))
             elif r.attempts + 1 >= MAX_ATTEMPTS:
                 self._fail(r, StepConflict(f"session {r.session_id!r} kept changing under this request"))
             else:  # another writer won the CAS: nothing of ours landed, run again from its state
                 if self.metrics:
                     self.metrics.cas_conflicts.labels(self.name).inc()
                 r.restart()
+        return landed
+
+    # -- generations ------------------------------------------------------------------------
+    def _advance(self, landed: list[StepRequest]) -> None:
+        """Stream what each generation's iteration applied; those that go on get their next token
+        (sampled in one vectorised call) and queue again, at the back."""
+        steps = [r.base.step if r.base else 0 for r in landed]
+        nexts = advance([r.generation for r in landed], steps, [r.outputs[-1] for r in landed])
+        for r, step, chunk in zip(landed, steps, nexts, strict=True):
+            if chunk is None:
+                self._resolve(r, StepReply(r.session_id, step, {}))
+                continue
+            r.chunks, r.next_chunk, r.outputs = [chunk], 0, []
+            self._queue.pop(r.arrival, None)
+            r.arrival = next(self._arrivals)
+            self._queue[r.arrival] = r
+
+    def _cancelled(self, r: StepRequest) -> bool:
+        """A generation cancelled between iterations ends here, at its last token boundary."""
+        if r.generation is None or not r.generation.cancelled or r.base is None:
+            return False
+        r.generation.finish("cancelled", r.base.step)
+        self._resolve(r, StepReply(r.session_id, r.base.step, {}))
+        return True
 
     # -- helpers ----------------------------------------------------------------------------
     def _resolve(self, r: StepRequest, reply: StepReply) -> None:
@@ -372,6 +390,8 @@ class Scheduler:
 
     def _forget(self, r: StepRequest) -> None:
         self._queue.pop(r.arrival, None)
+        if self._generating.get(r.session_id) is r:
+            del self._generating[r.session_id]
 
     def _gauge(self) -> None:
         if self.metrics:

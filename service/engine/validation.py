@@ -15,6 +15,14 @@ from service.engine.contract import DataTensor, ModelContract
 from service.errors import InvalidInput
 
 
+def integral(value: object) -> object:
+    """JSON has one number type: an integral float (``3.0``, valid for a JSON Schema ``integer``)
+    is that int; anything else, ``bool`` included, is returned as it is for the caller to judge."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def validate_inputs(contract: ModelContract, inputs: Mapping[str, Any], max_steps: int) -> dict[str, np.ndarray]:
     if not isinstance(inputs, Mapping) or not inputs:
         raise InvalidInput(f"'inputs' must be an object with the model's inputs {_names(contract)}")
@@ -74,7 +82,8 @@ def _one(contract: ModelContract, t: DataTensor, value: Any, max_steps: int) -> 
 
 
 def _tokens(contract: ModelContract, t: DataTensor, array: np.ndarray) -> np.ndarray:
-    if array.dtype.kind not in "iu":
+    integral_floats = array.dtype.kind == "f" and bool(np.all(np.isfinite(array) & (array == np.floor(array))))
+    if array.dtype.kind not in "iu" and not integral_floats:  # JSON's 3.0 is the id 3
         raise InvalidInput(f"input {t.name!r} must hold integer token ids, not {_kind(array)}")
     high = len(contract.vocab) if contract.vocab is not None else np.iinfo(t.dtype).max
     out_of_range = (array < 0) | (array >= high)

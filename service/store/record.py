@@ -2,9 +2,12 @@
 
 Layout: key ``carryover:{<session_id>}:s`` (the hash tag keeps a session's keys in one cluster
 slot), one hash whose fields are ``revision`` and ``ttl_s`` (read by the scripts), ``meta`` (one
-JSON object with the other scalar fields), ``last_reply``, the state tensors as raw bytes in
-fields ``s0``, ``s1``, … in declared order, and ``w``, a random token naming the write that
-produced it (see ``scripts.SAVE``).
+JSON object with the other scalar fields), the state tensors as raw bytes in fields ``s0``,
+``s1``, … in declared order, and ``w``, a random token naming the write that produced it (see
+``scripts.SAVE``); for token LMs ``p``, the last prediction (what generation continues from).
+The last request's outputs, for an idempotent replay, live apart under
+``carryover:{<session_id>}:r`` (a string with a short TTL, the retry window), so a session's
+memory is its state, not its last reply.
 
 A key that does not hold a well-formed record (garbage, another program's data, a field missing,
 a gap in the state fields) decodes to a ``SessionCorrupt`` error value, never an exception: it
@@ -22,12 +25,18 @@ from service.errors import SessionCorrupt
 
 KEY_PREFIX = "carryover:{"
 KEY_SUFFIX = "}:s"
+REPLAY_SUFFIX = "}:r"
 KEY_PATTERN = f"{KEY_PREFIX}*{KEY_SUFFIX}"  # SCAN MATCH for every session key
 
 
 def session_key(session_id: str) -> str:
     """The Redis key of a session's record."""
     return f"{KEY_PREFIX}{session_id}{KEY_SUFFIX}"
+
+
+def replay_key(session_id: str) -> str:
+    """The Redis key of a session's replay copy (same hash tag: same cluster slot)."""
+    return f"{KEY_PREFIX}{session_id}{REPLAY_SUFFIX}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +52,12 @@ class SessionRecord:
     updated_at: float
     ttl_s: int  # this session's TTL in seconds
     last_digest: str = ""  # digest of the last applied request (idempotent replay)
-    last_reply: bytes = b""  # opaque serialized outputs of the last applied request
+    # Opaque serialized outputs of the last applied request, for a replay: not a hash field but its
+    # own key; written by ``save`` (b"": none kept), read only by ``load(with_reply=True)``.
+    last_reply: bytes = b""
+    # A token LM's prediction after the last consumed token (its first output's last timestep,
+    # packed): what a generation with an empty prompt continues from. Hash field ``p``, small.
+    last_prediction: bytes = b""
     expires_in: float | None = None  # filled on reads from PTTL, seconds
 
 
@@ -57,13 +71,12 @@ class WriteOutcome(enum.Enum):
 Loaded = SessionRecord | SessionCorrupt | None
 
 # Fields the Lua scripts read stay separate (``revision`` for the CAS, ``ttl_s`` for the TTL
-# refresh, ``last_reply`` to leave out of batch loads); the rest travel as one JSON ``meta``
+# refresh; ``last_reply`` is another key); the rest travel as one JSON ``meta``
 # field, because redis-py packs every command argument in Python and a batch write has
 # max_batch_size commands: fewer arguments per record is measurably faster (bench/engine.py).
 _META = ("session_id", "model", "fingerprint", "step", "owner", "created_at", "updated_at", "last_digest")
-assert {*_META, "revision", "ttl_s", "states", "last_reply", "expires_in"} == {f.name for f in fields(SessionRecord)}, (
-    "every SessionRecord field must be stored"
-)
+_APART = ("revision", "ttl_s", "states", "last_reply", "last_prediction", "expires_in")
+assert {*_META, *_APART} == {f.name for f in fields(SessionRecord)}, "every SessionRecord field must be stored"
 
 
 def check(record: SessionRecord) -> None:
@@ -82,9 +95,9 @@ def encode(record: SessionRecord) -> list[bytes | str]:
         str(int(record.ttl_s)),
         "meta",
         meta,
-        "last_reply",
-        record.last_reply,
     ]
+    if record.last_prediction:
+        flat += ("p", record.last_prediction)
     for i, state in enumerate(record.states):
         flat += (f"s{i}", bytes(state))
     return flat
@@ -96,9 +109,9 @@ def decode(key: str, reply: object) -> SessionRecord | SessionCorrupt | None:
         return None
     if isinstance(reply, bytes):  # the script found another Redis type under the key
         return SessionCorrupt(f"{key} holds a Redis {reply.decode(errors='replace')}, not a session record")
-    if not (isinstance(reply, list) and len(reply) == 2):
+    if not (isinstance(reply, list) and len(reply) in (2, 3)):
         return SessionCorrupt(f"{key}: unexpected reply from the load script: {reply!r:.80}")
-    flat, pttl_ms = reply
+    flat, pttl_ms, replay = reply if len(reply) == 3 else (*reply, None)
     try:
         h = dict(zip(flat[::2], flat[1::2], strict=True))
         n = sum(1 for k in h if k[:1] == b"s" and k[1:].isdigit())
@@ -115,7 +128,8 @@ def decode(key: str, reply: object) -> SessionRecord | SessionCorrupt | None:
             updated_at=float(meta["updated_at"]),
             ttl_s=int(h[b"ttl_s"]),
             last_digest=str(meta["last_digest"]),
-            last_reply=bytes(h[b"last_reply"]),
+            last_reply=replay if isinstance(replay, bytes) else b"",
+            last_prediction=bytes(h.get(b"p", b"")),
             expires_in=int(pttl_ms) / 1000 if int(pttl_ms) >= 0 else None,
         )
     except (KeyError, ValueError, TypeError, orjson.JSONDecodeError) as e:

@@ -1,11 +1,13 @@
 """The store's Lua scripts, sent by SHA (``EVALSHA``); see docs/decisions.md for why scripts and
 not Redis Functions.
 
-Each touches only ``KEYS[1]`` (cluster-safe) and is atomic: Redis runs a script to the end or, if
-it is refused before its first write (e.g. OOM), not at all. Each first asks the key's ``TYPE``,
-so a key holding another Redis type (garbage written by someone else) is never a WRONGTYPE error
-that would fail a whole pipeline: ``load`` reports it (the record decodes as corrupt), ``create``
-finds the id taken, ``save`` sees a conflict (the caller's reload then reports it as corrupt).
+Each touches only a session's own keys (``KEYS[1]``, its hash; for save and replay loads also
+``KEYS[2]``, its replay copy: one hash tag, so one cluster slot) and is atomic: Redis runs a
+script to the end or, if it is refused before its first write (e.g. OOM), not at all. Each first
+asks the key's ``TYPE``, so a key holding another Redis type (garbage written by someone else) is
+never a WRONGTYPE error that would fail a whole pipeline: ``load`` reports it (the record decodes
+as corrupt; a replay key of another type reads as no copy), ``create`` finds the id taken,
+``save`` sees a conflict (the caller's reload then reports it as corrupt).
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ return 1
 # The CAS is on ``revision``, a counter bumped by every write, never on ``step``: a reset sets the
 # step back to 0, so a step-count CAS can be fooled (ABA): a writer reads step 5, someone resets
 # and steps the session back to 5, and the stale write would succeed over a different history.
-# ARGV: expected revision, ttl_ms, write token, new revision, field, value, ...
+# KEYS: the session's hash, its replay key (same hash tag, so the same cluster slot).
+# ARGV: expected revision, ttl_ms, write token, new revision, replay_ms, replay bytes, field, value, ...
 # Returns 1 applied, 0 conflict, -1 missing. The whole hash is replaced (DEL + HSET), so no field
-# of an older record (e.g. a state tensor the new one lacks) survives.
+# of an older record (e.g. a state tensor the new one lacks) survives. The replay copy is set (for
+# replay_ms) or deleted in the same atomic step, so it always belongs to the hash's last write.
 SAVE = """
 local t = redis.call('TYPE', KEYS[1]).ok
 if t == 'none' then return -1 end
@@ -46,28 +50,30 @@ if cur[1] ~= ARGV[1] then
   return 0
 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'w', ARGV[3], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], 'w', ARGV[3], unpack(ARGV, 7))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if ARGV[6] == '' then
+  redis.call('DEL', KEYS[2])
+else
+  redis.call('SET', KEYS[2], ARGV[6], 'PX', ARGV[5])
+end
 return 1
 """
 
 # Read and refresh the TTL in one step; returns nil (no key), the key's type (not a hash), or
-# {flat field/value list, pttl_ms}. ARGV[1] == '1' includes ``last_reply``; batch loads leave it
-# out (it is only needed to answer a replay, which then fetches it with a second call), so a load
-# moves states, not old outputs.
+# {flat field/value list, pttl_ms, replay}. Batch loads pass one key; a replay passes the replay
+# key as KEYS[2] too and gets its value (false when expired or never kept), read atomically with
+# the hash, so the copy matches the hash's ``last_digest``.
 LOAD = """
 local t = redis.call('TYPE', KEYS[1]).ok
 if t == 'none' then return false end
 if t ~= 'hash' then return t end
 local h = redis.call('HGETALL', KEYS[1])
-if ARGV[1] ~= '1' then
-  for i = 1, #h, 2 do
-    if h[i] == 'last_reply' then h[i + 1] = '' end
-  end
-end
 local ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl_s'))
 if ttl and ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
-return {h, redis.call('PTTL', KEYS[1])}
+local replay = false
+if #KEYS > 1 and redis.call('TYPE', KEYS[2]).ok == 'string' then replay = redis.call('GET', KEYS[2]) end
+return {h, redis.call('PTTL', KEYS[1]), replay}
 """
 
 

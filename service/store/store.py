@@ -37,7 +37,17 @@ from service.store import cluster as cl
 from service.store import counting
 from service.store.limits import LIMIT_SCRIPTS, take_call
 from service.store.packing import connection_class
-from service.store.record import KEY_PATTERN, Loaded, SessionRecord, WriteOutcome, check, decode, encode, session_key
+from service.store.record import (
+    KEY_PATTERN,
+    Loaded,
+    SessionRecord,
+    WriteOutcome,
+    check,
+    decode,
+    encode,
+    replay_key,
+    session_key,
+)
 from service.store.scripts import SCRIPTS, Call
 from service.store.translate import RETRY_ON, is_unavailable_reply, translated, unavailable
 
@@ -112,7 +122,8 @@ class SessionStore:
                 await self._redis.ping()
 
     async def create(self, record: SessionRecord, *, max_sessions: int = 0, max_per_owner: int = 0) -> bool:
-        """Create iff the key does not exist (False if it does). ``revision`` is stored as given.
+        """Create iff the key does not exist (False if it does). ``revision`` is stored as given;
+        a new session has no replay copy (``last_reply`` is not written).
 
         The session is counted first (``counting``): ``TooManySessions`` if the store already
         holds ``max_sessions`` live sessions or the owner ``max_per_owner`` (0 = no limit)."""
@@ -134,20 +145,27 @@ class SessionStore:
         """Per id, in order: its record, None where missing, or a ``SessionCorrupt`` (returned,
         not raised) where the key holds no well-formed record. One round trip; refreshes each TTL.
 
-        ``last_reply`` comes back empty unless ``with_reply`` (see ``scripts.LOAD``). Raises only
-        for the whole batch (``StoreUnavailable``).
+        ``last_reply`` (the replay copy, another key) comes back empty unless ``with_reply``, and
+        then only while it is kept (see ``save``). Raises only for the whole batch
+        (``StoreUnavailable``).
         """
-        keys = [session_key(i) for i in ids]
-        flag = "1" if with_reply else "0"
-        replies = await self._run([(SCRIPTS["load"], (k,), (flag,)) for k in keys])
-        return [decode(k, r) for k, r in zip(keys, replies, strict=True)]
+        calls: list[Call] = [
+            (SCRIPTS["load"], (session_key(i), replay_key(i)) if with_reply else (session_key(i),), ()) for i in ids
+        ]
+        replies = await self._run(calls)
+        return [decode(keys[0], r) for (_, keys, _), r in zip(calls, replies, strict=True)]
 
-    async def save(self, writes: Sequence[tuple[SessionRecord, int]]) -> list[WriteOutcome]:
+    async def save(
+        self, writes: Sequence[tuple[SessionRecord, int]], *, replay_window_s: float = 60.0
+    ) -> list[WriteOutcome]:
         """Compare-and-set each ``(new_record, expected_revision)``; one round trip for the batch.
 
         Applies iff the stored revision equals ``expected_revision`` (the new record's revision
         must be ``expected_revision + 1``); writes every field atomically and refreshes the TTL.
+        In the same atomic step the session's replay copy is set to ``last_reply`` for
+        ``replay_window_s`` seconds, or deleted when ``last_reply`` is empty.
         """
+        window_ms = max(1, round(replay_window_s * 1000))
         calls: list[Call] = []
         for record, expected in writes:
             check(record)
@@ -156,8 +174,16 @@ class SessionStore:
                     f"session {record.session_id!r}: new revision {record.revision} "
                     f"must be expected revision {expected} + 1"
                 )
-            args = [expected, record.ttl_s * 1000, secrets.token_hex(8), record.revision, *encode(record)]
-            calls.append((SCRIPTS["save"], (session_key(record.session_id),), args))
+            args = [
+                expected,
+                record.ttl_s * 1000,
+                secrets.token_hex(8),
+                record.revision,
+                window_ms,
+                record.last_reply,
+                *encode(record),
+            ]
+            calls.append((SCRIPTS["save"], (session_key(record.session_id), replay_key(record.session_id)), args))
         return [_OUTCOMES[int(r)] for r in await self._run(calls)]
 
     async def delete(self, session_id: str, owner: str = "") -> bool:

@@ -23,7 +23,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.errors import StoreUnavailable
+from service.errors import StoreFull, StoreUnavailable
 
 # Retried by redis-py on a fresh connection (with backoff) before we give up: a dropped socket,
 # a restart, a failover. Writes are safe to re-send thanks to the write token.
@@ -41,7 +41,14 @@ _UNAVAILABLE_REPLIES = (
 
 
 def unavailable(e: BaseException) -> StoreUnavailable:
-    """The ``StoreUnavailable`` for a redis-py failure (a longer Retry-After while Redis loads)."""
+    """The ``StoreUnavailable`` for a redis-py failure (a longer Retry-After while Redis loads;
+    ``StoreFull``, 507, when it is out of memory)."""
+    if isinstance(e, OutOfMemoryError):  # maxmemory + noeviction: the write was refused whole
+        return StoreFull(
+            "the session store is full: Redis refused the write at its maxmemory limit (policy noeviction); "
+            "stored sessions are kept, writes fail until memory is freed or maxmemory is raised",
+            retry_after=5.0,
+        )
     if isinstance(e, BusyLoadingError):
         return StoreUnavailable(f"Redis is loading its data: {e}", retry_after=2.0)
     return StoreUnavailable(f"Redis unavailable: {type(e).__name__}: {e}")

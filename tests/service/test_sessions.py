@@ -171,7 +171,7 @@ def bad_states(fingerprint: str) -> list[tuple[bytes, type[CarryoverError], str]
     nan = good.copy()
     nan[0, 0] = np.nan
     return [
-        (b"not a zip", InvalidInput, "not a readable .npz"),
+        (b"not a zip", InvalidInput, "must be an .npz archive"),
         (npz(h0=good, extra=good), InvalidInput, "unknown tensor 'extra'"),
         (npz(c0=good), InvalidInput, "unknown tensor 'c0'"),
         (npz(carryover_step=np.int64(1)), InvalidInput, "state tensor 'h0' is missing"),
@@ -180,7 +180,7 @@ def bad_states(fingerprint: str) -> list[tuple[bytes, type[CarryoverError], str]
         (npz(h0=nan), InvalidInput, "contains NaN or Inf"),
         (npz(h0=good, carryover_step=np.int64(-1)), InvalidInput, "carryover_step"),
         (npz(h0=good, carryover_fingerprint=np.str_("0" * 64)), ModelMismatch, "fingerprint"),
-        (npz(h0=np.array([object()], dtype=object)), InvalidInput, "without pickles"),
+        (npz(h0=np.array([object()], dtype=object)), InvalidInput, "never unpickled"),
     ]
 
 
@@ -342,7 +342,7 @@ def test_parse_step_is_the_one_envelope_parser() -> None:
         ({"inputs": {}, "steps": 1}, "'steps'"),
         ({"inputs": {}, "step": True}, "'step'"),
         ({"inputs": {}, "step": -1}, "'step'"),
-        ({"inputs": {}, "step": 1.0}, "'step'"),
+        ({"inputs": {}, "step": 1.5}, "'step'"),
         ({"inputs": {}, "step": "1"}, "'step'"),
     ]:
         with pytest.raises(InvalidInput, match=re.escape(words)):
@@ -351,7 +351,8 @@ def test_parse_step_is_the_one_envelope_parser() -> None:
 
 def test_step_is_strict_everywhere() -> None:
     assert checked_step(None) is None and checked_step(0) == 0
-    for bad in (True, False, -1, 2.0, "3"):
+    assert checked_step(2.0) == 2 and StepCall({}, 2.0).expected_step == 2  # type: ignore[arg-type]  # JSON's 2.0
+    for bad in (True, False, -1, 2.5, "3"):
         with pytest.raises(InvalidInput, match="'step' must be a non-negative integer"):
             checked_step(bad)
         with pytest.raises(InvalidInput):

@@ -338,7 +338,7 @@ async def test_routing_errors_are_problems(client: httpx.AsyncClient) -> None:
     assert r.headers["allow"] == "GET"
     assert_problem(await client.get("/v1/sessions/abc/step"), 405, "method_not_allowed")
     assert_problem(await client.get("/v1/nothing/here"), 404, "not_found", "/v1/nothing/here")
-    assert_problem(await client.post("/v2/models"), 404, "not_found")
+    assert_problem(await client.post("/v3/models"), 404, "not_found")  # /v2 answers {"error"}: test_v2.py
 
 
 # -- state export / import ------------------------------------------------------------------------
@@ -418,6 +418,36 @@ async def test_idempotent_replay_and_stale_step(client: httpx.AsyncClient, loade
     assert r.status_code == 200 and r.json()["step"] == 5
     ref_out, _ = offline(model, concat([a, b]))
     np.testing.assert_allclose(outputs_of(r)["y"], ref_out["y"][3:], atol=1e-5, rtol=0)
+
+
+async def test_a_retry_after_the_window_or_over_the_cap_is_409_never_a_second_apply(
+    redis_server: RedisServer, loaded: dict[str, RecurrentModel]
+) -> None:
+    model = loaded["gru_stacked"]
+    rng = np.random.default_rng(5)
+    per_step = sum(v.nbytes for v in offline(model, random_inputs(model.contract, 1, rng))[0].values())
+    url = db_url(redis_server, 3)
+    with redis_server.client() as raw:
+        raw.select(3)
+        settings = {"replay_window_s": 0.5, "replay_max_bytes": 4 * per_step}
+        with live_server(url, {"gru": model}, **settings) as server:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+                sid = await create(c)
+                small, big = random_inputs(model.contract, 3, rng), random_inputs(model.contract, 5, rng)
+                assert (await step(c, sid, small)).status_code == 200  # no `step`: no replay copy at all
+                assert raw.keys("*:r") == []
+                assert (await step(c, sid, small, expected=3)).status_code == 200
+                assert len(raw.keys("*:r")) == 1
+                assert (await step(c, sid, small, expected=3)).headers["idempotent-replay"] == "true"
+                await asyncio.sleep(0.7)  # past the window
+                late = assert_problem(await step(c, sid, small, expected=3), 409, "step_conflict", "6")
+                assert late["current_step"] == 6 and raw.keys("*:r") == []
+
+                assert (await step(c, sid, big, expected=6)).status_code == 200  # 5 steps: over the cap
+                assert raw.keys("*:r") == []
+                over = assert_problem(await step(c, sid, big, expected=6), 409, "step_conflict", "11")
+                assert over["current_step"] == 11
+                assert (await c.get(f"/v1/sessions/{sid}")).json()["step"] == 11  # applied once
 
 
 # -- operations -----------------------------------------------------------------------------------
@@ -564,6 +594,7 @@ async def test_openapi_documents_every_route(client: httpx.AsyncClient) -> None:
         ("/v1/sessions/{session_id}", "get"): "getSession",
         ("/v1/sessions/{session_id}", "delete"): "deleteSession",
         ("/v1/sessions/{session_id}/step", "post"): "stepSession",
+        ("/v1/sessions/{session_id}/generate", "post"): "generate",
         ("/v1/sessions/{session_id}/reset", "post"): "resetSession",
         ("/v1/sessions/{session_id}/state", "get"): "exportState",
         ("/v1/sessions/{session_id}/state", "put"): "importState",
@@ -631,6 +662,12 @@ async def test_metrics_by_route_template_and_batches(client: httpx.AsyncClient) 
     assert value("carryover_batch_rows_count", model="gru") >= 2
     assert value("carryover_batch_padding_ratio_count", model="gru") >= 2
     assert value("carryover_redis_seconds_count", op="load") >= 2
+    # The per-stage breakdown: queue wait, Redis read/write, model run, serialisation.
+    assert value("carryover_queue_wait_seconds_count", model="gru") >= 2
+    assert value("carryover_redis_seconds_count", op="save") >= 2
+    assert value("carryover_model_run_seconds_count", model="gru") >= 2
+    assert value("carryover_serialization_seconds_count", transport="http") >= 2
+    assert ("carryover_serialization_seconds_count", (("transport", "ws"),)) in samples
     names = {name for name, _ in samples}
     assert {"carryover_queue_depth", "carryover_sessions", "carryover_websocket_connections"} <= names
     assert ("carryover_queue_depth", (("model", "lstm_step"),)) in samples  # every model, even before its first batch

@@ -97,3 +97,22 @@ async def test_async_lost_reply_is_retried_exactly_once(
         assert transport.lost == 1 and session.step_count == 4
         assert (await session.info())["step"] == 4  # applied once, not twice
         assert_matches_offline(model, x, {"y": y}, {"h0": (await session.state())["h0"]})
+
+
+async def test_async_generate_streams_the_same_tokens(
+    api_server: LiveServer, loaded: dict[str, RecurrentModel]
+) -> None:
+    from service.client import GeneratedToken, GenerationDone
+    from tests.service.client.test_terminal import greedy
+
+    async with AsyncClient(api_server.url) as client:
+        session = await client.create("tokens")
+        events = [e async for e in session.generate([0, 1, 2], max_tokens=4, temperature=0.0)]
+        assert [type(e) for e in events] == [GeneratedToken] * 4 + [GenerationDone]
+        done = events[-1]
+        assert isinstance(done, GenerationDone) and done.text == greedy(loaded["token_gru"], "abc", 4)
+        assert session.step_count == 7 == (await session.info())["step"]
+        await session.delete()
+        with pytest.raises(CarryoverClientError) as info:
+            await anext(aiter(session.generate(max_tokens=2, temperature=0.0)))
+        assert (info.value.status, info.value.code) == (404, "session_not_found")

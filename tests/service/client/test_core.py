@@ -12,7 +12,15 @@ import numpy as np
 import orjson
 import pytest
 
-from service.client import AsyncClient, AsyncSession, CarryoverClientError, Client, Session
+from service.client import (
+    AsyncClient,
+    AsyncSession,
+    CarryoverClientError,
+    Client,
+    GeneratedToken,
+    GenerationDone,
+    Session,
+)
 from service.client.core import (
     ChunkWindow,
     RetryPolicy,
@@ -152,5 +160,31 @@ def public(cls: type) -> dict[str, list[str]]:
 def test_both_shells_have_the_same_methods() -> None:
     assert public(Session) == public(AsyncSession)
     assert public(Client) == public(AsyncClient)
-    assert {"info", "load_state", "state", "step", "stream", "reset", "delete"} <= set(public(AsyncSession))
+    assert {"info", "load_state", "state", "step", "stream", "generate", "reset", "delete"} <= set(public(AsyncSession))
     assert all(inspect.iscoroutinefunction(getattr(AsyncClient, n)) for n in ("models", "create", "session", "call"))
+
+
+def test_generation_request_and_events() -> None:
+    core = session(step=4)
+    request = core.generate_request("ab", max_tokens=3, temperature=0.0, seed=7)
+    assert (request.method, request.path, request.headers["Accept"]) == (
+        "POST",
+        "/v1/sessions/s1/generate",
+        "text/event-stream",
+    )
+    assert orjson.loads(request.content or b"") == {
+        "prompt": "ab",
+        "max_tokens": 3,
+        "temperature": 0.0,
+        "seed": 7,
+        "step": 4,
+    }
+    assert orjson.loads(core.generate_request([1, 2], max_tokens=1, temperature=1.0).content or b"")["prompt"] == [1, 2]
+    token = core.generation_event("message", '{"token": 3, "text": "d", "step": 7}')
+    assert token == GeneratedToken(3, "d", 7) and core.step_count == 7
+    done = core.generation_event("done", '{"step": 8, "tokens": [3, 1], "text": "db", "finish_reason": "length"}')
+    assert done == GenerationDone(8, [3, 1], "db", "length") and core.step_count == 8
+    assert core.generation_event("ping", "") is None
+    with pytest.raises(CarryoverClientError) as info:
+        core.generation_event("error", '{"status": 503, "code": "overloaded", "detail": "busy"}')
+    assert (info.value.status, info.value.code) == (503, "overloaded")

@@ -87,3 +87,25 @@ def test_stream_pipelines_chunks_in_order(api_server: LiveServer, loaded: dict[s
             {"logits": np.concatenate([r.outputs["logits"] for r in replies])},
             {"h0": state["h0"]},
         )
+
+
+def test_generate_streams_greedy_tokens_and_follows_the_step(
+    api_server: LiveServer, loaded: dict[str, RecurrentModel]
+) -> None:
+    from service.client import GeneratedToken, GenerationDone
+    from tests.service.client.test_terminal import greedy
+
+    with Client(api_server.url) as client:
+        session = client.create("tokens")
+        session.step({"tokens": [0, 1]})  # "ab"
+        events = list(session.generate("c", max_tokens=5, temperature=0.0))
+        tokens = [e for e in events if isinstance(e, GeneratedToken)]
+        done = events[-1]
+        assert isinstance(done, GenerationDone) and done.finish_reason == "length"
+        assert done.text == "".join(t.text for t in tokens) == greedy(loaded["token_gru"], "abc", 5)
+        assert [t.step for t in tokens] == [4, 5, 6, 7, 8] and session.step_count == 8 == session.info()["step"]
+        session.step_count = 2  # a stale view: the generation must not start (409 before any token)
+        with pytest.raises(CarryoverClientError) as info:
+            next(iter(session.generate(max_tokens=3, temperature=0.0)))
+        assert (info.value.status, info.value.code) == (409, "step_conflict")
+        assert session.info()["step"] == 8

@@ -24,9 +24,10 @@ from tests.service.store.test_store import record
 
 
 def stored(rec: SessionRecord, pttl_ms: int = 5000) -> list[Any]:
-    """What the load script returns for ``rec``: {flat field/value list, pttl} (bytes, as from Redis)."""
+    """What the load script returns for ``rec``: {flat field/value list, pttl, replay copy} (bytes,
+    as from Redis; the replay copy is None, Redis's nil, when empty)."""
     flat = [v.encode() if isinstance(v, str) else v for v in encode(rec)]
-    return [[*flat, b"w", b"token"], pttl_ms]
+    return [[*flat, b"w", b"token"], pttl_ms, rec.last_reply or None]
 
 
 # -- the codec ----------------------------------------------------------------------------------
@@ -36,6 +37,9 @@ def test_a_record_survives_encode_and_decode() -> None:
     rec = replace(record("a/é"), states=(b"", b"\x00" * 3), last_digest="d", last_reply=b"\x00r")
     got = decode(session_key("a/é"), stored(rec, 2500))
     assert got == replace(rec, expires_in=2.5)
+    assert b"last_reply" not in encode(rec) and b"\x00r" not in encode(rec)  # the replay copy is another key
+    lean = decode("k", stored(rec)[:2])  # a batch load: no replay copy asked for
+    assert isinstance(lean, SessionRecord) and lean.last_reply == b"" and lean.last_digest == "d"
     assert decode("k", None) is None
     no_ttl = decode("k", stored(rec, -1))
     assert isinstance(no_ttl, SessionRecord) and no_ttl.expires_in is None
@@ -45,7 +49,7 @@ def _without(field: bytes) -> Callable[[list[Any]], list[Any]]:
     def change(reply: list[Any]) -> list[Any]:
         flat = reply[0]
         i = flat.index(field)
-        return [flat[:i] + flat[i + 2 :], reply[1]]
+        return [flat[:i] + flat[i + 2 :], *reply[1:]]
 
     return change
 
@@ -54,7 +58,7 @@ def _with(field: bytes, value: bytes) -> Callable[[list[Any]], list[Any]]:
     def change(reply: list[Any]) -> list[Any]:
         flat = list(reply[0])
         flat[flat.index(field) + 1] = value
-        return [flat, reply[1]]
+        return [flat, *reply[1:]]
 
     return change
 
@@ -65,7 +69,6 @@ def _with(field: bytes, value: bytes) -> Callable[[list[Any]], list[Any]]:
         _without(b"meta"),
         _without(b"revision"),
         _without(b"ttl_s"),
-        _without(b"last_reply"),
         _without(b"s0"),  # s1 left: a gap in the state fields
         _with(b"meta", b"{not json"),
         _with(b"meta", b"[1, 2]"),

@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from service.errors import SessionCorrupt, StoreUnavailable
+from service.store.record import replay_key
 from service.store.store import SessionRecord, SessionStore, WriteOutcome, session_key
 from tests.redis_fixture import RedisServer
 
@@ -115,7 +116,6 @@ async def test_create_once_and_read_back_every_field(store: SessionStore, raw: r
         record("a/é"),
         states=(b"", b"\x00" * 3, bytes(range(256))),
         last_digest="x",
-        last_reply=b"\x00reply",
         created_at=1712345678.123456,
         updated_at=1712345679.5,
     )
@@ -131,15 +131,49 @@ async def test_create_once_and_read_back_every_field(store: SessionStore, raw: r
     assert meta["step"] == 0 and meta["created_at"] == 1712345678.123456
 
 
-async def test_batch_loads_leave_the_replay_outputs_out(store: SessionStore) -> None:
-    rec = replace(record("lean"), last_reply=b"x" * 1000, last_digest="d")
-    assert await store.create(rec)
+async def test_batch_loads_leave_the_replay_outputs_out(store: SessionStore, raw: redis.Redis) -> None:
+    rec = record("lean")
+    assert await store.create(replace(rec, last_reply=b"ignored"))  # a new session keeps no replay copy
+    assert not raw.exists(replay_key("lean"))
+    assert await store.save([(replace(advanced(rec), last_reply=b"x" * 1000), 1)]) == [WriteOutcome.OK]
     [lean] = await store.load(["lean"])
-    assert isinstance(lean, SessionRecord)
     [full] = await store.load(["lean"], with_reply=True)
-    assert isinstance(full, SessionRecord)
-    assert lean is not None and full is not None
-    assert (lean.last_reply, lean.last_digest, full.last_reply) == (b"", "d", b"x" * 1000)
+    assert isinstance(lean, SessionRecord) and isinstance(full, SessionRecord)
+    assert (lean.last_reply, lean.last_digest, full.last_reply) == (b"", "d2", b"x" * 1000)
+    assert b"last_reply" not in raw.hgetall(session_key("lean"))  # apart from the state
+    assert raw.get(replay_key("lean")) == b"x" * 1000
+
+
+async def test_the_replay_copy_lives_for_the_window_and_a_write_without_one_deletes_it(
+    store: SessionStore, raw: redis.Redis
+) -> None:
+    rec = record("window")
+    assert await store.create(rec)
+    first = replace(advanced(rec), last_reply=b"out")
+    assert await store.save([(first, 1)], replay_window_s=0.3) == [WriteOutcome.OK]
+    assert 0 < raw.pttl(replay_key("window")) <= 300  # its own short TTL, not the session's
+    [got] = await store.load(["window"], with_reply=True)
+    assert isinstance(got, SessionRecord) and got.last_reply == b"out"
+    await asyncio.sleep(0.4)  # past the window: the copy is gone, the state is not
+    [late] = await store.load(["window"], with_reply=True)
+    assert isinstance(late, SessionRecord) and (late.last_reply, late.last_digest, late.step) == (b"", "d2", 3)
+
+    second = replace(advanced(first), last_reply=b"again")
+    assert await store.save([(second, 2)]) == [WriteOutcome.OK]
+    assert raw.exists(replay_key("window"))
+    third = replace(advanced(second), last_reply=b"", last_digest="")  # e.g. no `step`, or over the cap
+    assert await store.save([(third, 3)]) == [WriteOutcome.OK]
+    assert not raw.exists(replay_key("window"))  # never a copy of an older write
+
+
+async def test_garbage_under_the_replay_key_reads_as_no_copy(store: SessionStore, raw: redis.Redis) -> None:
+    rec = record("junk")
+    assert await store.create(rec)
+    raw.rpush(replay_key("junk"), b"x")
+    [got] = await store.load(["junk"], with_reply=True)
+    assert isinstance(got, SessionRecord) and got.last_reply == b""
+    assert await store.save([(replace(advanced(rec), last_reply=b"y"), 1)]) == [WriteOutcome.OK]
+    assert raw.get(replay_key("junk")) == b"y"
 
 
 async def test_load_and_save_a_batch_are_one_round_trip_each(store: SessionStore) -> None:
