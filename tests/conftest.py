@@ -36,4 +36,4 @@ def loaded(exported: dict[str, Exported]) -> dict[str, RecurrentModel]:
 
 
 from tests.live_server import api_server  # noqa: E402, F401
-from tests.redis_fixture import redis_server, redis_url  # noqa: E402, F401
+from tests.redis_fixture import redis_server, redis_url, store  # noqa: E402, F401

@@ -10,7 +10,7 @@ from __future__ import annotations
 import atexit
 import signal
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,7 @@ import redis
 
 from service.errors import EmbeddedRedisError
 from service.store.launcher import RedisProcess, find_redis_server
+from service.store.store import SessionStore
 
 START_TIMEOUT_S = 60.0  # generous: a loaded 2-core CI box can take a while to exec a process
 
@@ -105,3 +106,13 @@ def redis_url(redis_server: RedisServer) -> str:
     with redis_server.client() as c:
         c.flushall()
     return redis_server.url
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[SessionStore]:
+    """A store on the session's private Redis, closed after the test."""
+    s = await SessionStore.connect(redis_url)
+    try:
+        yield s
+    finally:
+        await s.close()

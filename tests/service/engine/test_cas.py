@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
 import pytest
@@ -14,15 +14,6 @@ from service.errors import SessionNotFound, StepConflict
 from service.store.store import SessionRecord, SessionStore, WriteOutcome
 
 _ids = itertools.count()
-
-
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[SessionStore]:
-    s = await SessionStore.connect(redis_url)
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 async def created(store: SessionStore, owner: str = "alice") -> SessionRecord:

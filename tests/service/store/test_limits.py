@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -21,15 +20,6 @@ from tests.redis_cluster_fixture import running_cluster
 def record(session_id: str, owner: str = "", ttl_s: int = 60) -> SessionRecord:
     now = time.time()
     return SessionRecord(session_id, "m", "f" * 64, 0, 1, (b"\0" * 8,), owner, now, now, ttl_s)
-
-
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[SessionStore]:
-    s = await SessionStore.connect(redis_url)
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 @pytest.fixture

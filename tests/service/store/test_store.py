@@ -6,7 +6,7 @@ import asyncio
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -79,13 +79,6 @@ def assert_whole(rec: SessionRecord, steps: int = 3) -> None:
     assert rec.step == (rec.revision - 1) * steps
     assert rec.states == consistent_states(rec.revision)
     assert (rec.last_digest, rec.last_reply) == (f"d{rec.revision}", b"r%d" % rec.revision)
-
-
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[SessionStore]:
-    s = await SessionStore.connect(redis_url)
-    yield s
-    await s.close()
 
 
 @pytest.fixture
