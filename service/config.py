@@ -104,6 +104,12 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, ge=1, description="rows (sessions) per batch")
     max_batch_tokens: int = Field(8192, ge=1, description="sum of T (timesteps) over a batch")
     max_wait_us: int = Field(2000, ge=0, description="how long to wait for more work, only while the device is busy")
+    inline_max_cells: int = Field(
+        16,
+        ge=0,
+        description="a model call of at most this many rows × timesteps, with nothing else queued, runs on the "
+        "event loop instead of the device thread (0 = never)",
+    )
     max_queue: int = Field(4096, ge=1, description="queued requests per model before 503 overloaded")
     max_chunk: int = Field(256, ge=1, description="long requests run in chunks of this many steps")
     max_steps_per_request: int = Field(16_384, ge=1, description="T limit of one request (422 above)")

@@ -99,7 +99,9 @@ def split_chunks(inputs: Mapping[str, np.ndarray], max_chunk: int) -> list[Chunk
 
 
 def join_chunks(outputs: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """The per-chunk outputs of one request joined back along T."""
+    """The per-chunk outputs of one request joined back along T (one chunk: as they are)."""
+    if len(outputs) == 1:
+        return dict(outputs[0])
     return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
 
 
