@@ -9,7 +9,9 @@ ratio share the machine's load of that moment. On a shared box, repeat (``--roun
 the min / median ratio. Per point: steps/s (throughput ratio, higher is better for carryover)
 and p50 latency (latency ratio carryover / naive, lower is better). ``--serve-args`` passes
 flags to ``carryover serve`` (e.g. ``"--workers 2"``), ``--naive-args`` to the naive server.
-Writes the results JSON to ``--out`` (default ``bench/results/ab.json``).
+``--compare-root DIR`` also serves the carryover of another checkout (say ``git archive`` of
+an older commit) as ``before``, measured between the two, so before, after and naive share
+each point's moment. Writes the results JSON to ``--out`` (default ``bench/results/ab.json``).
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--serve-args", default="", help="extra `carryover serve` flags")
     p.add_argument("--naive-args", default="", help="extra naive server flags")
+    p.add_argument(
+        "--compare-root",
+        type=Path,
+        help="also serve the carryover of this checkout (e.g. `git archive` of an older commit) as 'before'",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ab.json")
     return p.parse_args(argv)
 
@@ -85,14 +92,17 @@ async def point(server: servers.Server, sessions: int, transport: str, args: arg
     return {k: result[k] for k in keep} | {"server_cpu_ms_per_request": round(1000 * cpu / max(requests, 1), 3)}
 
 
-async def rounds(service: servers.Server, naive: servers.Server, args: argparse.Namespace) -> list[dict[str, Any]]:
+async def rounds(
+    service: servers.Server, naive: servers.Server, before: servers.Server | None, args: argparse.Namespace
+) -> list[dict[str, Any]]:
     out = []
     for r in range(args.rounds):
         for sessions in args.sessions:
             for transport in args.transports:
                 ours = await point(service, sessions, transport, args)
+                older = await point(before, sessions, transport, args) if before else None
                 theirs = await point(naive, sessions, transport, args)
-                row = {
+                row: dict[str, Any] = {
                     "round": r,
                     "sessions": sessions,
                     "transport": transport,
@@ -104,6 +114,14 @@ async def rounds(service: servers.Server, naive: servers.Server, args: argparse.
                         ours["server_cpu_ms_per_request"] / max(theirs["server_cpu_ms_per_request"], 1e-9), 3
                     ),
                 }
+                if older is not None:
+                    row["before"] = older
+                    row["before_throughput_ratio"] = round(older["steps_per_s"] / max(theirs["steps_per_s"], 1e-9), 3)
+                    row["before_p50_ratio"] = round(older["p50_ms"] / max(theirs["p50_ms"], 1e-9), 3)
+                    print(
+                        f"   before: {older['steps_per_s']:>8,.0f} steps/s p50 {older['p50_ms']:6.2f} ms, "
+                        f"x{row['before_throughput_ratio']:.2f} steps/s, p50 x{row['before_p50_ratio']:.2f}"
+                    )
                 out.append(row)
                 print(
                     f"round {r} {transport:>9} {sessions:>4} sessions: service {ours['steps_per_s']:>8,.0f} steps/s "
@@ -126,6 +144,13 @@ def summarise(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
         tr = [r["throughput_ratio"] for r in rows]
         lr = [r["p50_ratio"] for r in rows]
         cr = [r["cpu_ratio"] for r in rows]
+        older = {}
+        if all("before" in r for r in rows):
+            bt, bl = [r["before_throughput_ratio"] for r in rows], [r["before_p50_ratio"] for r in rows]
+            older = {
+                "before_throughput_ratio": {"min": min(bt), "median": statistics.median(bt), "max": max(bt)},
+                "before_p50_ratio": {"min": min(bl), "median": statistics.median(bl), "max": max(bl)},
+            }
         out.append(
             {
                 "transport": transport,
@@ -138,6 +163,7 @@ def summarise(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "service_p50_ms_median": statistics.median(r["service"]["p50_ms"] for r in rows),
                 "naive_p50_ms_median": statistics.median(r["naive"]["p50_ms"] for r in rows),
             }
+            | older
         )
     return out
 
@@ -148,7 +174,11 @@ def main(argv: list[str] | None = None) -> None:
         redis_url = stack.enter_context(servers.redis(Path(tmp))).url
         service = stack.enter_context(servers.carryover(redis_url, *shlex.split(args.serve_args)))
         naive = stack.enter_context(servers.naive(redis_url, *shlex.split(args.naive_args)))
-        points = asyncio.run(rounds(service, naive, args))
+        before = None
+        if args.compare_root:
+            older = servers.carryover(redis_url, *shlex.split(args.serve_args), root=args.compare_root)
+            before = stack.enter_context(older)
+        points = asyncio.run(rounds(service, naive, before, args))
     summary = summarise(points)
     for s in summary:
         t, lat = s["throughput_ratio"], s["p50_ratio"]
@@ -158,6 +188,12 @@ def main(argv: list[str] | None = None) -> None:
             f" | p50 ratio min {lat['min']:.2f} median {lat['median']:.2f}"
             f" | CPU/request ratio median {s['cpu_per_request_ratio']['median']:.2f}"
         )
+        if "before_throughput_ratio" in s:
+            bt, bl = s["before_throughput_ratio"], s["before_p50_ratio"]
+            print(
+                f"{'':>9} before: steps/s ratio min {bt['min']:.2f} median {bt['median']:.2f}"
+                f" | p50 ratio min {bl['min']:.2f} median {bl['median']:.2f}"
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     setup = {k: v for k, v in vars(args).items() if k != "out"}
     args.out.write_text(json.dumps({"setup": setup, "points": points, "summary": summary}, indent=2) + "\n")
