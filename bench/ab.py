@@ -4,8 +4,9 @@
     python -m bench.ab --rounds 1 --duration 2 --sessions 1 --transports http
 
 Both servers run at once against one private Redis (an idle server costs nothing), and every
-point is measured on carryover and then at once on the naive server, so the two numbers of a
-ratio share the machine's load of that moment. On a shared box, repeat (``--rounds``) and read
+point is measured on carryover and at once on the naive server, so the two numbers of a ratio
+share the machine's load of that moment; each round starts with another server (the first
+point after a switch tends to measure worse). On a shared box, repeat (``--rounds``) and read
 the min / median ratio. Per point: steps/s (throughput ratio, higher is better for carryover)
 and p50 latency (latency ratio carryover / naive, lower is better). ``--serve-args`` passes
 flags to ``carryover serve`` (e.g. ``"--workers 2"``), ``--naive-args`` to the naive server.
@@ -99,9 +100,12 @@ async def rounds(
     for r in range(args.rounds):
         for sessions in args.sessions:
             for transport in args.transports:
-                ours = await point(service, sessions, transport, args)
-                older = await point(before, sessions, transport, args) if before else None
-                theirs = await point(naive, sessions, transport, args)
+                # Each round starts with another server: the first point after a switch measured
+                # worse here whichever server it was (3 ms p50 as second, 7-10 ms as first).
+                order = [("service", service), ("naive", naive)] + ([("before", before)] if before else [])
+                order = order[r % len(order) :] + order[: r % len(order)]
+                got = {name: await point(server, sessions, transport, args) for name, server in order}
+                ours, theirs, older = got["service"], got["naive"], got.get("before")
                 row: dict[str, Any] = {
                     "round": r,
                     "sessions": sessions,
@@ -195,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
                 f" | p50 ratio min {bl['min']:.2f} median {bl['median']:.2f}"
             )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    setup = {k: v for k, v in vars(args).items() if k != "out"}
+    setup = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
     args.out.write_text(json.dumps({"setup": setup, "points": points, "summary": summary}, indent=2) + "\n")
 
 
