@@ -170,6 +170,22 @@ def stage_plot(result: dict[str, Any], target: Path) -> None:
     _save(fig, target)
 
 
+def scale_plot(result: dict[str, Any], target: Path) -> None:
+    """p50 and p99 per operation at the baseline and at the big level (``bench.scale``)."""
+    base, big = result["levels"]
+    ops = list(base["pass_1"])
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    width = 0.2
+    bars = [(base, "p50_ms", "#9fc5e8"), (big, "p50_ms", "#2f6db5"), (base, "p99_ms", "#d9d9d9"), (big, "p99_ms", "#777777")]
+    for i, (lvl, key, color) in enumerate(bars):
+        xs = [j + (i - 1.5) * width for j in range(len(ops))]
+        label = f"{key[:3]}, {lvl['sessions']:,} sessions"
+        ax.bar(xs, [lvl["pass_1"][op][key] for op in ops], width, label=label, color=color)
+    ax.set_xticks(range(len(ops)), ops)
+    _label(ax, "operation (sequential requests)", "latency (ms)", "latency against the number of idle sessions")
+    _save(fig, target)
+
+
 def plot_matrix(result: dict[str, Any], target: Path) -> None:
     """The four PNGs of a ``run_all`` result, into the folder ``target``."""
     sessions = result["breakdown"][0]["sessions"] if result["breakdown"] else max(result["setup"]["sessions"])
