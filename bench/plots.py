@@ -176,7 +176,12 @@ def scale_plot(result: dict[str, Any], target: Path) -> None:
     ops = list(base["pass_1"])
     fig, ax = plt.subplots(figsize=(7, 3.4))
     width = 0.2
-    bars = [(base, "p50_ms", "#9fc5e8"), (big, "p50_ms", "#2f6db5"), (base, "p99_ms", "#d9d9d9"), (big, "p99_ms", "#777777")]
+    bars = [
+        (base, "p50_ms", "#9fc5e8"),
+        (big, "p50_ms", "#2f6db5"),
+        (base, "p99_ms", "#d9d9d9"),
+        (big, "p99_ms", "#777777"),
+    ]
     for i, (lvl, key, color) in enumerate(bars):
         xs = [j + (i - 1.5) * width for j in range(len(ops))]
         label = f"{key[:3]}, {lvl['sessions']:,} sessions"

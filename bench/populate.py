@@ -46,13 +46,13 @@ def template(http: httpx.Client, raw: redis_py.Redis) -> Template:
     payload = raw.dump(key)
     if not isinstance(payload, bytes):
         raise RuntimeError(f"DUMP {key} returned {payload!r}")
-    ttl_ms = int(raw.pttl(key))  # type: ignore[arg-type]
+    ttl_ms = int(raw.pttl(key))
     return Template(sid, payload, ttl_ms, int(step))
 
 
 def redis_ms(raw: redis_py.Redis) -> int:
     """Redis's clock (ms): the index is scored in it, whatever this machine's clock says."""
-    seconds, micros = raw.time()  # type: ignore[misc]
+    seconds, micros = raw.time()
     return int(seconds) * 1000 + int(micros) // 1000
 
 
@@ -71,7 +71,7 @@ def populate(
         score = redis_ms(raw) + ttl
         pipe = raw.pipeline(transaction=False)
         for sid in chunk:
-            pipe.execute_command("RESTORE", session_key(sid), ttl, cloner.clone(sid.encode()))
+            pipe.restore(session_key(sid), ttl, cloner.clone(sid.encode()))
         pipe.zadd(INDEX_KEYS[0], {member(OWNER, sid): score for sid in chunk})
         pipe.hincrby(INDEX_KEYS[1], OWNER, len(chunk))
         pipe.execute()
@@ -90,4 +90,4 @@ def gone(raw: redis_py.Redis, ids: Iterable[str]) -> bool:
 
 def indexed(raw: redis_py.Redis) -> tuple[int, int]:
     """The index's view: members of the expiry set, and the anonymous owner's count."""
-    return int(raw.zcard(INDEX_KEYS[0])), int(raw.hget(INDEX_KEYS[1], OWNER) or 0)  # type: ignore[arg-type]
+    return int(raw.zcard(INDEX_KEYS[0])), int(raw.hget(INDEX_KEYS[1], OWNER) or 0)

@@ -48,7 +48,7 @@ def sessions_gauge(http: httpx.Client) -> tuple[int, float]:
 
 
 def used_memory(raw: redis_py.Redis) -> int:
-    return int(raw.info("memory")["used_memory"])  # type: ignore[index]
+    return int(raw.info("memory")["used_memory"])
 
 
 def measure(http: httpx.Client, ids: list[str], requests: int, rng: random.Random) -> dict[str, list[float]]:
@@ -58,16 +58,19 @@ def measure(http: httpx.Client, ids: list[str], requests: int, rng: random.Rando
     ms: dict[str, list[float]] = {op: [] for op in OPS}
     for i in range(warmup + requests):
         stepped, read = rng.choice(ids), rng.choice(ids)
-        calls = {
-            "create": lambda: http.post("/v1/sessions", json={}),
-            "step": lambda s=stepped: http.post(f"/v1/sessions/{s}/step", json={"inputs": {"tokens": [rng.randrange(64)]}}),
-            "get": lambda s=read: http.get(f"/v1/sessions/{s}"),
-            "state": lambda s=read: http.get(f"/v1/sessions/{s}/state"),
-            "metrics": lambda: http.get("/metrics"),
-        }
-        for op, call in calls.items():
+        step_body = {"inputs": {"tokens": [rng.randrange(64)]}}
+        for op in OPS:
             started = time.perf_counter()
-            reply = call()
+            if op == "create":
+                reply = http.post("/v1/sessions", json={})
+            elif op == "step":
+                reply = http.post(f"/v1/sessions/{stepped}/step", json=step_body)
+            elif op == "get":
+                reply = http.get(f"/v1/sessions/{read}")
+            elif op == "state":
+                reply = http.get(f"/v1/sessions/{read}/state")
+            else:
+                reply = http.get("/metrics")
             elapsed = (time.perf_counter() - started) * 1000
             if reply.status_code not in (200, 201):
                 raise RuntimeError(f"{op}: {reply.status_code} {reply.text[:300]}")
@@ -111,6 +114,7 @@ def expiry(http: httpx.Client, raw: redis_py.Redis, tpl: Template, due: int, liv
         scrapes.append(ms)
     return {
         "due": due,
+        "live": live,
         "scrapes_until_exact": len(scrapes) if count == live else None,
         "scrape_ms": [round(s, 2) for s in scrapes],
         "index_after": indexed(raw)[0],
@@ -149,13 +153,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, servers.redis(Path(tmp), *redis_flags) as rs:
         raw = redis_py.Redis.from_url(rs.url)
         try:
-            with servers.carryover(rs.url, *serve_flags) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+            with (
+                servers.carryover(rs.url, *serve_flags) as server,
+                httpx.Client(base_url=server.url, timeout=60) as http,
+            ):
                 tpl = template(http, raw)
                 empty = used_memory(raw)
                 record_bytes = int(raw.memory_usage(f"carryover:{{{tpl.session_id}}}:s", samples=0) or 0)
-                ids: list[str] = [tpl.session_id]
+                [copy], _ = populate(raw, tpl, 1)
+                check_copies(http, tpl, copy)  # before any measurement steps either of them
+                ids = [tpl.session_id, copy]
                 base = level(http, raw, tpl, ids, args.baseline, args)
-                check_copies(http, tpl, ids[-1])
                 big = level(http, raw, tpl, ids, args.sessions, args)
                 per_session = (big["used_memory"] - base["used_memory"]) / max(1, big["sessions"] - base["sessions"])
                 index_bytes = int(raw.memory_usage("carryover:{index}:expiry", samples=0) or 0)
