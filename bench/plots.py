@@ -172,8 +172,8 @@ def stage_plot(result: dict[str, Any], target: Path) -> None:
 
 def scale_plot(result: dict[str, Any], target: Path) -> None:
     """p50 and p99 per operation at the baseline and at the big level (``bench.scale``)."""
-    base, big = result["levels"]
-    ops = list(base["pass_1"])
+    base, big = result["levels"][:2]
+    ops = list(base["latency"])
     fig, ax = plt.subplots(figsize=(7, 3.4))
     width = 0.2
     bars = [
@@ -185,7 +185,7 @@ def scale_plot(result: dict[str, Any], target: Path) -> None:
     for i, (lvl, key, color) in enumerate(bars):
         xs = [j + (i - 1.5) * width for j in range(len(ops))]
         label = f"{key[:3]}, {lvl['sessions']:,} sessions"
-        ax.bar(xs, [lvl["pass_1"][op][key] for op in ops], width, label=label, color=color)
+        ax.bar(xs, [lvl["latency"][op][key] for op in ops], width, label=label, color=color)
     ax.set_xticks(range(len(ops)), ops)
     _label(ax, "operation (sequential requests)", "latency (ms)", "latency against the number of idle sessions")
     _save(fig, target)

@@ -2,9 +2,10 @@
 
 Starts a private Redis (no persistence, ``rdbcompression no`` for ``populate``) and ``carryover
 serve`` (the bundled LM), fills Redis with copies of one real session (``bench.populate``) and
-measures, at ``--baseline`` sessions (twice: the spread between the two passes is the noise)
-and then at ``--sessions``: the latency of create, step (1 token), GET metadata, GET state and
-a ``/metrics`` scrape (which counts the sessions), sequential and interleaved; Redis
+measures at ``--baseline`` sessions, at ``--sessions``, and at ``--baseline`` again (Redis
+emptied and refilled: the spread between the two baselines is the box's noise): the latency
+of create, step (1 token), GET metadata, GET state and a ``/metrics`` scrape (which counts the
+sessions), sequential and interleaved; Redis's own time per script call; Redis
 ``used_memory`` per session; populate time; and the expiry path: ``--due`` sessions that expire
 at once, and how many scrapes (at what cost each) until the count is exact again.
 
@@ -127,7 +128,7 @@ def level(
     """Populate up to ``target`` sessions, check the service counts them, measure."""
     more, seconds = populate(raw, tpl, max(0, target - indexed(raw)[0]), batch=args.batch)
     ids += more
-    expected = int(raw.zcard("carryover:{index}:expiry"))
+    expected = indexed(raw)[0]
     gauge, _ = sessions_gauge(http)
     if gauge != expected or indexed(raw)[1] != expected:
         raise RuntimeError(f"the service counts {gauge} sessions, the index {indexed(raw)}, expected {expected}")
@@ -138,15 +139,18 @@ def level(
         "populate_per_s": round(len(more) / seconds) if more else None,
         "used_memory": used_memory(raw),
     }
-    rng = random.Random(len(ids))
-    for name in ("pass_1", "pass_2") if target == args.baseline else ("pass_1",):
-        point[name] = {op: stats(ms) for op, ms in measure(http, ids, args.requests, rng).items()}
+    raw.config_resetstat()  # Redis's own time per command, for this level's requests only
+    point["latency"] = {op: stats(ms) for op, ms in measure(http, ids, args.requests, random.Random(target)).items()}
+    evalsha = raw.info("commandstats").get("cmdstat_evalsha", {})
+    point["redis_usec_per_script_call"] = float(evalsha.get("usec_per_call", 0.0))
     live, _ = sessions_gauge(http)
     point["expiry"] = expiry(http, raw, tpl, args.due, live)
     return point
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Baseline, big, baseline again (after emptying Redis): the second baseline says how much
+    of a difference the box's own drift makes."""
     maxmemory = max(1 << 30, (args.sessions + 4 * args.requests + args.due) * BYTES_PER_SESSION)
     redis_flags = ["--maxmemory", str(maxmemory), "--maxmemory-policy", "noeviction", "--rdbcompression", "no"]
     serve_flags = ["--max-sessions", str(2 * (args.sessions + args.due) + 10 * args.requests + 100)]
@@ -167,6 +171,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 big = level(http, raw, tpl, ids, args.sessions, args)
                 per_session = (big["used_memory"] - base["used_memory"]) / max(1, big["sessions"] - base["sessions"])
                 index_bytes = int(raw.memory_usage("carryover:{index}:expiry", samples=0) or 0)
+                flushed = time.perf_counter()
+                raw.flushall()  # the scripts stay loaded: SCRIPT FLUSH is another command
+                flush_s = time.perf_counter() - flushed
+                ids.clear()
+                again = level(http, raw, tpl, ids, args.baseline, args)
                 return {
                     "benchmark": "scale",
                     "machine": machine.describe(),
@@ -177,22 +186,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "used_memory_per_session": round(per_session),
                         "index_bytes_per_session": round(index_bytes / big["sessions"]),
                         "used_memory_empty": empty,
+                        "flushall_s": round(flush_s, 2),
                     },
-                    "levels": [base, big],
-                    "ratios": ratios(base, big),
+                    "levels": [base, big, again],
+                    "ratios": ratios(base, big, again),
                 }
         finally:
             raw.close()
 
 
-def ratios(base: dict[str, Any], big: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Per operation: ``big`` over ``base`` (pass 1), and ``noise``: base pass 2 over pass 1."""
+def ratios(base: dict[str, Any], big: dict[str, Any], again: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per operation: ``big`` over the mean of the two baselines, and the noise: the second
+    baseline over the first."""
     out = {}
     for op in OPS:
-        b1, b2, n = base["pass_1"][op], base["pass_2"][op], big["pass_1"][op]
+        b1, n, b2 = base["latency"][op], big["latency"][op], again["latency"][op]
         out[op] = {
-            "p50": round(n["p50_ms"] / b1["p50_ms"], 2),
-            "p99": round(n["p99_ms"] / b1["p99_ms"], 2),
+            "p50": round(n["p50_ms"] / ((b1["p50_ms"] + b2["p50_ms"]) / 2), 2),
+            "p99": round(n["p99_ms"] / ((b1["p99_ms"] + b2["p99_ms"]) / 2), 2),
             "noise_p50": round(b2["p50_ms"] / b1["p50_ms"], 2),
             "noise_p99": round(b2["p99_ms"] / b1["p99_ms"], 2),
         }
@@ -200,33 +211,38 @@ def ratios(base: dict[str, Any], big: dict[str, Any]) -> dict[str, dict[str, flo
 
 
 def table(result: dict[str, Any]) -> str:
-    base, big = result["levels"]
-    rec = result["record"]
+    base, big, again = result["levels"]
+    rec, m = result["record"], result["machine"]
+    n0, n1 = f"{base['sessions']:,}", f"{big['sessions']:,}"
     lines = [
-        f"{big['sessions']:,} vs {base['sessions']:,} idle sessions of the bundled LM, {result['setup']['requests']} "
-        f"sequential requests per operation; {result['machine'].get('cpus', '?')} CPUs, load average "
-        f"{', '.join(f'{x:.1f}' for x in result['machine'].get('load_average', ()))} at the start.",
+        f"{n1} vs {n0} idle sessions of the bundled LM, {result['setup']['requests']} sequential requests per "
+        f"operation, measured at {n0}, then {n1}, then {n0} again; {m.get('cpus', '?')} CPUs, load average "
+        f"{', '.join(f'{x:.1f}' for x in m.get('load_average', ()))} at the end.",
         "",
-        f"| operation | p50 at {base['sessions']:,} | p99 | p50 at {big['sessions']:,} | p99 | ratio p50 | ratio p99 "
-        "| noise (2nd pass at the baseline) p50 / p99 |",
+        f"| operation | p50 / p99 at {n0} | at {n1} | at {n0} again | {n1} / mean of {n0}, p50 | p99 "
+        f"| {n0} again / first, p50 | p99 |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for op in OPS:
-        b, n, r = base["pass_1"][op], big["pass_1"][op], result["ratios"][op]
+        b, n, a, r = base["latency"][op], big["latency"][op], again["latency"][op], result["ratios"][op]
+        cells = [f"{x['p50_ms']:.2f} / {x['p99_ms']:.2f} ms" for x in (b, n, a)]
         lines.append(
-            f"| {op} | {b['p50_ms']:.2f} ms | {b['p99_ms']:.2f} ms | {n['p50_ms']:.2f} ms | {n['p99_ms']:.2f} ms "
-            f"| {r['p50']:.2f}× | {r['p99']:.2f}× | {r['noise_p50']:.2f}× / {r['noise_p99']:.2f}× |"
+            f"| {op} | {' | '.join(cells)} | **{r['p50']:.2f}×** | {r['p99']:.2f}× "
+            f"| {r['noise_p50']:.2f}× | {r['noise_p99']:.2f}× |"
         )
+    redis_us = " / ".join(f"{lvl['redis_usec_per_script_call']:.1f}" for lvl in (base, big, again))
     e0, e1 = base["expiry"], big["expiry"]
     lines += [
         "",
-        f"Redis: {rec['used_memory_per_session']:,} B of `used_memory` per session ({rec['record_bytes']:,} B "
-        f"`MEMORY USAGE` of one record, {rec['index_bytes_per_session']} B of the counting index); TTL "
-        f"{rec['template_ttl_s']:,} s. Populated {big['populated']:,} sessions in {big['populate_s']:.1f} s "
-        f"({big['populate_per_s']:,}/s).",
-        f"Expiry: {e1['due']:,} sessions expiring at once were uncounted after {e1['scrapes_until_exact']} scrapes "
-        f"at {big['sessions']:,} (max {max(e1['scrape_ms']):.1f} ms each) and {e0['scrapes_until_exact']} at "
-        f"{base['sessions']:,} (max {max(e0['scrape_ms']):.1f} ms).",
+        f"- Redis's own time per script call (`INFO commandstats`, EVALSHA), {n0} / {n1} / {n0}: {redis_us} µs.",
+        f"- Memory: {rec['used_memory_per_session']:,} B of `used_memory` per session ({rec['record_bytes']:,} B "
+        f"`MEMORY USAGE` of one record, {rec['index_bytes_per_session']} B of the counting index). TTL "
+        f"{rec['template_ttl_s']:,} s, refreshed on every access.",
+        f"- Populate: {big['populated']:,} sessions in {big['populate_s']:.1f} s ({big['populate_per_s']:,}/s), "
+        f"pipelined RESTORE; FLUSHALL of them: {rec['flushall_s']:.1f} s.",
+        f"- Expiry: {e1['due']:,} sessions expiring at once were uncounted after {e1['scrapes_until_exact']} "
+        f"`/metrics` scrapes at {n1} (slowest {max(e1['scrape_ms']):.0f} ms) and {e0['scrapes_until_exact']} at "
+        f"{n0} (slowest {max(e0['scrape_ms']):.0f} ms).",
     ]
     return "\n".join(lines)
 
