@@ -171,21 +171,18 @@ def stage_plot(result: dict[str, Any], target: Path) -> None:
 
 
 def scale_plot(result: dict[str, Any], target: Path) -> None:
-    """p50 and p99 per operation at the baseline and at the big level (``bench.scale``)."""
-    base, big = result["levels"][:2]
-    ops = list(base["latency"])
-    fig, ax = plt.subplots(figsize=(7, 3.4))
-    width = 0.2
-    bars = [
-        (base, "p50_ms", "#9fc5e8"),
-        (big, "p50_ms", "#2f6db5"),
-        (base, "p99_ms", "#d9d9d9"),
-        (big, "p99_ms", "#777777"),
-    ]
-    for i, (lvl, key, color) in enumerate(bars):
-        xs = [j + (i - 1.5) * width for j in range(len(ops))]
-        label = f"{key[:3]}, {lvl['sessions']:,} sessions"
-        ax.bar(xs, [lvl["latency"][op][key] for op in ops], width, label=label, color=color)
+    """p50 and p99 per operation at the baseline, the big level and the baseline again (``bench.scale``)."""
+    levels = result["levels"]
+    ops = list(levels[0]["latency"])
+    names = ("", "", " again")
+    colors = {"p50_ms": ("#9fc5e8", "#2f6db5", "#cfe2f3"), "p99_ms": ("#bbbbbb", "#555555", "#e0e0e0")}
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    width = 0.13
+    bars = [(key, i) for key in colors for i in range(len(levels))]
+    for k, (key, i) in enumerate(bars):
+        xs = [j + (k - (len(bars) - 1) / 2) * width for j in range(len(ops))]
+        label = f"{key[:3]}, {levels[i]['sessions']:,} sessions{names[i]}"
+        ax.bar(xs, [levels[i]["latency"][op][key] for op in ops], width, label=label, color=colors[key][i])
     ax.set_xticks(range(len(ops)), ops)
     _label(ax, "operation (sequential requests)", "latency (ms)", "latency against the number of idle sessions")
     _save(fig, target)
