@@ -15,17 +15,20 @@ def test_crc64_is_the_one_redis_uses() -> None:
 def test_a_clone_restores_with_the_new_id_and_every_other_field_unchanged(redis_url: str) -> None:
     raw = redis.Redis.from_url(redis_url)
     raw.config_set("rdbcompression", "no")  # DUMP then leaves the id readable
-    old, new = "A" * 22, "b" * 21 + "Z"
-    meta, state = f'{{"session_id":"{old}","step":1}}', bytes(range(256)) * 8
-    raw.hset("template", mapping={"meta": meta, "s0": state, "revision": "3"})
-    payload = raw.dump("template")
-    assert isinstance(payload, bytes)
+    try:
+        old, new = "A" * 22, "b" * 21 + "Z"
+        meta, state = f'{{"session_id":"{old}","step":1}}', bytes(range(256)) * 8
+        raw.hset("template", mapping={"meta": meta, "s0": state, "revision": "3"})
+        payload = raw.dump("template")
+        assert isinstance(payload, bytes)
 
-    raw.restore("copy", 0, DumpCloner(payload, old.encode()).clone(new.encode()))
+        raw.restore("copy", 0, DumpCloner(payload, old.encode()).clone(new.encode()))
 
-    copy = raw.hgetall("copy")
-    assert copy[b"meta"] == meta.replace(old, new).encode()
-    assert copy[b"s0"] == state and copy[b"revision"] == b"3"
+        copy = raw.hgetall("copy")
+        assert copy[b"meta"] == meta.replace(old, new).encode()
+        assert copy[b"s0"] == state and copy[b"revision"] == b"3"
+    finally:
+        raw.config_set("rdbcompression", "yes")  # the shared test Redis's default again
 
 
 def test_refuses_what_it_cannot_patch(redis_url: str) -> None:
