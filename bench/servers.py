@@ -107,11 +107,12 @@ class Server:
         self.log.close()
 
 
-def redis(directory: Path) -> Server:
-    """A private redis-server without persistence (benchmarks measure the service, not fsync)."""
+def redis(directory: Path, *extra: str) -> Server:
+    """A private redis-server without persistence (benchmarks measure the service, not fsync);
+    ``extra``: more redis-server flags."""
     port = free_port()
     argv = [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    argv += ["--dir", str(directory), "--daemonize", "no"]
+    argv += ["--dir", str(directory), "--daemonize", "no", *extra]
     return Server(argv, f"redis://127.0.0.1:{port}/0", ready=None, name="redis-server")
 
 

@@ -155,11 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="run a benchmark (engine | api), from a source checkout",
+        help="run a benchmark (engine | api | loadgen | run_all | scale | ab), from a source checkout",
         description="Runs bench/engine.py or bench/api.py; arguments after the name go to it "
         "(e.g. carryover bench engine --steps 8 32).",
     )
-    bench.add_argument("which", choices=["engine", "api", "loadgen", "run_all"])
+    bench.add_argument("which", choices=["engine", "api", "loadgen", "run_all", "scale", "ab"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark (see its --help)")
     bench.set_defaults(func=_bench)
 
