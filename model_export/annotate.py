@@ -21,8 +21,9 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from service.engine.contract import METADATA_KEY, FlagDeclaration, Form, ModelContract
+from service.engine.contract import ModelContract
 from service.engine.inspect import inspect_signature
+from service.engine.metadata import METADATA_KEY, FlagDeclaration, Form
 from service.engine.model import RecurrentModel
 from service.errors import ModelContractError
 

@@ -25,7 +25,7 @@ from onnx import TensorProto, helper
 
 from model_export.cells import CellSpec, StepCell
 from service.engine.carry import BATCH_DIM, Carried, add_carry
-from service.engine.contract import METADATA_KEY, Form
+from service.engine.metadata import METADATA_KEY, Form
 
 TIME_DIM = "T"
 

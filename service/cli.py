@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from service.config import BUNDLED_MODEL, model_flags
-from service.engine.contract import FlagDeclaration
+from service.engine.metadata import FlagDeclaration
 from service.errors import EmbeddedRedisError, ModelContractError, StartupError, UnknownSetting
 
 
@@ -54,8 +54,8 @@ def _verify(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     import onnxruntime as ort
 
-    from service.engine.contract import METADATA_KEY
     from service.engine.inspect import inspect_signature, render
+    from service.engine.metadata import METADATA_KEY
     from service.engine.model import RecurrentModel
 
     try:

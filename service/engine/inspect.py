@@ -17,7 +17,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.engine.contract import METADATA_KEY, Form, GraphSignature, TensorArg
+from service.engine.contract import GraphSignature, TensorArg
+from service.engine.metadata import METADATA_KEY, Form
 
 _STEM_NOISE = re.compile(r"(^|_)(in|out|prev|next|new|old|init|initial|last|final|t)(?=_|$)|_?(\d+|n)$")
 

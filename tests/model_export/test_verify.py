@@ -16,7 +16,7 @@ from model_export.cells import gru_step
 from model_export.export import export_cell
 from model_export.verify import verify_model
 from service.cli import main
-from service.engine.contract import METADATA_KEY
+from service.engine.metadata import METADATA_KEY
 from service.engine.model import RecurrentModel
 from tests.conftest import Exported
 
