@@ -90,7 +90,10 @@ def trace_step_graph(cell: StepCell, *, example_batch: int = 3) -> onnx.ModelPro
     dynamic += [{s.batch_axis: batch} for s in spec.states]
     for c in spec.constants:  # each length dim its own: sessions' memories differ in length
         length = torch.export.Dim(f"length_{c.name}", min=1, max=1 << 20)
-        dynamic.append({c.batch_axis: batch} | ({c.length_axis: length} if c.length_axis is not None else {}))
+        axes: dict[int, object] = {c.batch_axis: batch}
+        if c.length_axis is not None:
+            axes[c.length_axis] = length
+        dynamic.append(axes)
         if c.mask is not None:
             dynamic.append({0: batch, 1: length})
     with torch.no_grad():
