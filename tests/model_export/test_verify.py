@@ -175,3 +175,17 @@ def test_verify_gives_each_sequence_its_own_constants(form: str) -> None:
     report = verify_model(model, sequences=5, max_len=12, rounds=2, torch_module=attention_decoder.build())
     assert report.ok, report.failures
     assert report.worst_torch_error is not None and report.worst_torch_error < 1e-5
+
+
+def test_inspect_and_annotate_a_model_with_constants_but_no_metadata(tmp_path: Path) -> None:
+    """The flags ``carryover inspect`` prints for a bare attention decoder are what
+    ``model_export.annotate`` writes into it: the same contract as the exported metadata."""
+    from model_export.annotate import annotate
+
+    bare = onnx.load(str(committed_example("attention_decoder").sequence))
+    del bare.metadata_props[:]
+    onnx.save(bare, str(tmp_path / "bare.onnx"))
+    assert main(["inspect", str(tmp_path / "bare.onnx")]) == 0
+    annotated = RecurrentModel(annotate(tmp_path / "bare.onnx", tmp_path / "annotated.onnx"))
+    (c,) = annotated.contract.constants
+    assert (c.name, c.batch_axis, c.length_axis, c.mask) == ("memory", 0, 1, "memory_mask")

@@ -233,3 +233,13 @@ async def test_a_websocket_attaches_to_a_session_with_constants_but_cannot_creat
         await ws.send(orjson.dumps({"inputs": {"tokens": [1, 2]}}).decode())
         reply = await recv_json(ws)
         assert reply["type"] == "result" and reply["step"] == 2, reply
+
+
+def test_v2_cannot_start_a_sequence_of_a_model_with_constants(server: LiveServer) -> None:
+    """``/v2`` has no way to give constants: a sequence start is refused, naming them."""
+    body = {
+        "inputs": [{"name": "tokens", "shape": [1, 2], "datatype": "INT64", "data": [1, 2]}],
+        "parameters": {"sequence_id": 7, "sequence_start": True},
+    }
+    r = httpx.post(f"{server.url}/v2/models/attn/infer", json=body)
+    assert 400 <= r.status_code < 500 and "constants" in r.json()["error"], r.text
