@@ -243,3 +243,9 @@ def test_v2_cannot_start_a_sequence_of_a_model_with_constants(server: LiveServer
     }
     r = httpx.post(f"{server.url}/v2/models/attn/infer", json=body)
     assert 400 <= r.status_code < 500 and "constants" in r.json()["error"], r.text
+
+
+def test_v2_without_a_sequence_is_refused_too(server: LiveServer) -> None:
+    body = {"inputs": [{"name": "tokens", "shape": [1, 2], "datatype": "INT64", "data": [1, 2]}]}
+    r = httpx.post(f"{server.url}/v2/models/attn/infer", json=body)
+    assert 400 <= r.status_code < 500 and "constants" in r.json()["error"], r.text
