@@ -82,6 +82,10 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# bench/ modules with a main(argv): runnable from a source checkout as `carryover bench NAME`
+BENCHMARKS = ("engine", "api", "generate", "constants", "loadgen", "run_all", "scale", "memory", "gpu", "soak", "chaos")
+
+
 def _bench(args: argparse.Namespace) -> int:
     checkout = Path(__file__).resolve().parents[1]  # the repository root of an editable install
     if (checkout / "bench" / f"{args.which}.py").is_file() and str(checkout) not in sys.path:
@@ -164,11 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="run a benchmark (engine | api | loadgen | run_all | scale), from a source checkout",
-        description="Runs bench/engine.py or bench/api.py; arguments after the name go to it "
-        "(e.g. carryover bench engine --steps 8 32).",
+        help=f"run a benchmark ({' | '.join(BENCHMARKS)}), from a source checkout",
+        description="Runs bench/NAME.py; arguments after the name go to it (e.g. carryover bench engine --steps 8 32).",
     )
-    bench.add_argument("which", choices=["engine", "api", "loadgen", "run_all", "scale"])
+    bench.add_argument("which", choices=BENCHMARKS)
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark (see its --help)")
     bench.set_defaults(func=_bench)
 
