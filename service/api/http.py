@@ -151,6 +151,7 @@ async def create_session(
         ttl_s=spec.ttl_s,
         fork_from=spec.fork_from,
         owner=owner_of(request),
+        constants=spec.constants,
     )
     return _json(_created(info), 201, {"Location": f"/v1/sessions/{quote(info.session_id, safe='')}"})
 
@@ -165,7 +166,10 @@ async def create_session(
 )
 async def get_session(request: Request, session_id: SessionIdPath) -> Response:
     info = await _sessions(request).get(session_id, owner=owner_of(request))
-    return _json(dataclasses.asdict(info))
+    data = dataclasses.asdict(info)
+    if not data["constants"]:  # only a model with constants reports them
+        del data["constants"]
+    return _json(data)
 
 
 @router.post(

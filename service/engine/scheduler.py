@@ -32,12 +32,12 @@ import numpy as np
 
 from service.config import Settings
 from service.engine.admission import admission, replayed, written_record
-from service.engine.batch import StepReply, StepRequest, join_chunks, pad_batch, split_chunks, unpad_rows
+from service.engine.batch import StepReply, StepRequest, join_chunks, pad_rows, split_chunks, unpad_rows
 from service.engine.buckets import padding_ratio, plan_buckets
 from service.engine.cas import MAX_ATTEMPTS
 from service.engine.generation import Generation, advance, first_inputs
 from service.engine.model import BatchResult, RecurrentModel
-from service.engine.tensors import states_from_bytes
+from service.engine.tensors import session_tensors
 from service.errors import (
     CarryoverError,
     Overloaded,
@@ -245,8 +245,8 @@ class Scheduler:
             else:
                 assert isinstance(rec, SessionRecord)
                 try:
-                    r.states = states_from_bytes(self.model.contract, rec.states)
-                except ValueError as e:  # a truncated or missing state tensor
+                    r.states, r.constants = session_tensors(self.model.contract, rec)
+                except ValueError as e:  # a truncated or missing state (or constant) tensor
                     self._fail(r, SessionCorrupt(f"session {r.session_id!r}: {e}"))
                     continue
                 r.base = rec
@@ -303,8 +303,8 @@ class Scheduler:
     def _run_group(self, rows: list[StepRequest]) -> BatchResult:
         """Pad the rows' current chunks to one ``[B, T]`` batch and run it (device thread, or
         inline for a tiny batch when nothing else waits: ``inline_max_cells``)."""
-        batch = pad_batch(self.model.contract, [r.chunks[r.next_chunk] for r in rows], [r.states for r in rows])
-        return self.model.run(batch.inputs, batch.mask, batch.states)
+        batch = pad_rows(self.model.contract, rows)
+        return self.model.run(batch.inputs, batch.mask, batch.states, batch.constants)
 
     async def _write(self, finals: list[StepRequest]) -> list[StepRequest]:
         """One pipelined round trip; each session's write is a CAS on the revision it was read at.
