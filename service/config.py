@@ -118,6 +118,12 @@ class Settings(BaseSettings):
         description="a model call of at most this many rows × timesteps, with nothing else queued, runs on the "
         "event loop instead of the device thread (0 = never)",
     )
+    record_cache_sessions: int = Field(
+        10_000,
+        ge=0,
+        description="records of sessions this process last wrote kept in memory, per model, so their next step "
+        "skips the load (the write's CAS checks them; 0 = off)",
+    )
     max_queue: int = Field(4096, ge=1, description="queued requests per model before 503 overloaded")
     max_chunk: int = Field(256, ge=1, description="long requests run in chunks of this many steps")
     max_steps_per_request: int = Field(16_384, ge=1, description="T limit of one request (422 above)")

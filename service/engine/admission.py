@@ -36,6 +36,12 @@ def admission(r: StepRequest, rec: SessionRecord | SessionCorrupt | None, model:
     return "apply"
 
 
+def cache_admits(r: StepRequest, cached: SessionRecord | None, model: str, fingerprint: str) -> bool:
+    """Whether ``r`` may run on the cached record without a load: only an "apply" verdict is
+    ever taken from the cache (its write's CAS checks the guess); any other comes from Redis."""
+    return cached is not None and admission(r, cached, model, fingerprint) == "apply"
+
+
 def replayed(r: StepRequest, rec: SessionRecord | SessionCorrupt | None) -> StepReply | CarryoverError:
     """The stored outputs of ``r`` (already applied, its reply lost), read again ``with_reply``."""
     if isinstance(rec, SessionCorrupt):

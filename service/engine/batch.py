@@ -47,6 +47,7 @@ class StepRequest:
     arrival: int = 0  # key in the scheduler's queue
     next_chunk: int = 0
     base: SessionRecord | None = None  # the record as loaded before chunk 0
+    cached: bool = False  # base came from the record cache, not from Redis (a guess the CAS checks)
     states: dict[str, np.ndarray] = field(default_factory=dict)  # after the chunks applied so far
     constants: dict[str, np.ndarray] = field(default_factory=dict)  # the session's, as loaded with base
     outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
@@ -65,7 +66,7 @@ class StepRequest:
 
     def restart(self) -> None:
         """Forget progress: nothing of it was written, so the request runs again from Redis."""
-        self.next_chunk, self.base, self.states, self.outputs = 0, None, {}, []
+        self.next_chunk, self.base, self.states, self.outputs, self.cached = 0, None, {}, [], False
         self.attempts += 1
         if self.generation is not None:
             self.generation.restart()

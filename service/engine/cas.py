@@ -48,6 +48,7 @@ async def rewrite(
             last_reply=b"",
             last_prediction=b"",
             expires_in=float(current.ttl_s),
+            token="",  # the save writes a fresh one
         )
         (outcome,) = await store.save([(new, current.revision)])
         if outcome is WriteOutcome.OK:

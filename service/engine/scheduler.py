@@ -10,7 +10,8 @@ pads the chosen rows into one batch, ``RecurrentModel`` runs it, ``SessionStore`
 * Long requests run in ``max_chunk`` chunks in consecutive batches, their intermediate state in
   memory; only the last chunk writes, so a request is applied whole or not at all.
 * Pipelining: while batch k runs in the device thread, batch k+1 is gathered and its states
-  loaded (one round trip); batch k's write (one round trip, CAS per session) overlaps k+1's run.
+  loaded (one round trip; none for sessions whose record this process last wrote, ``reads``);
+  batch k's write (one round trip, CAS per session) overlaps k+1's run.
   A tiny batch (``inline_max_cells``) with nothing else queued runs on the event loop instead.
 * Generations (continuous batching, ``generation.py``): a generation's row re-enters the queue
   at its back after every iteration with its next token as input, its state in memory and its
@@ -31,12 +32,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from service.config import Settings
-from service.engine.admission import admission, replayed, written_record
+from service.engine.admission import admission, written_record
 from service.engine.batch import StepReply, StepRequest, join_chunks, pad_rows, split_chunks, unpad_rows
 from service.engine.buckets import padding_ratio, plan_buckets
 from service.engine.cas import MAX_ATTEMPTS
 from service.engine.generation import Generation, advance, first_inputs
 from service.engine.model import BatchResult, RecurrentModel
+from service.engine.reads import fetch_bases, fetch_replay
+from service.engine.record_cache import RecordCache
 from service.engine.tensors import session_tensors
 from service.errors import (
     CarryoverError,
@@ -75,7 +78,9 @@ class Scheduler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
+        self.cache = RecordCache(settings.record_cache_sessions)
         self.batches = 0  # counters for benchmarks and tests
+        self.loads = 0  # records loaded for admission (the record cache's misses)
         self.model_calls = 0
         self.call_shapes: collections.deque[tuple[int, int]] = collections.deque(maxlen=100_000)  # (B, T)
         self.generation_rows: collections.deque[int] = collections.deque(maxlen=100_000)  # per batch
@@ -220,28 +225,35 @@ class Scheduler:
             self._changed.set()
 
     async def _admit(self, fresh: list[StepRequest]) -> list[StepRequest]:
-        """Load the batch's records in one round trip; decide apply / replay / conflict."""
+        """Load the batch's records in one round trip (those the record cache admits need none);
+        decide apply / replay / conflict."""
         if not fresh:
             return []
+        started = time.perf_counter()
+        if self.metrics:
+            wait = self.metrics.queue_wait.labels(self.name)
+            for r in fresh:
+                wait.observe(started - r.queued_at)
         try:
-            started = time.perf_counter()
-            if self.metrics:
-                wait = self.metrics.queue_wait.labels(self.name)
-                for r in fresh:
-                    wait.observe(started - r.queued_at)
-            records = await self.store.load([r.session_id for r in fresh])
-            self._observe_redis("load", started)
+            records, loads = await fetch_bases(self.store, self.cache, fresh, self.name, self.model.fingerprint)
         except StoreUnavailable as e:
             for r in fresh:
                 self._fail(r, e)
             return []
+        if loads:
+            self.loads += loads
+            self._observe_redis("load", started)
         admitted = []
         for r, rec in zip(fresh, records, strict=True):
             verdict = admission(r, rec, self.name, self.model.fingerprint)
             if isinstance(verdict, CarryoverError):
                 self._fail(r, verdict)
             elif verdict == "replay":
-                await self._replay(r)
+                reply = await fetch_replay(self.store, r)
+                if isinstance(reply, CarryoverError):
+                    self._fail(r, reply)
+                else:
+                    self._resolve(r, reply)
             else:
                 assert isinstance(rec, SessionRecord)
                 try:
@@ -263,19 +275,6 @@ class Scheduler:
             else:
                 r.chunks = [first]
         return [r for r in admitted if not r.future.done()]
-
-    async def _replay(self, r: StepRequest) -> None:
-        """The request was already applied (its reply was lost): answer with the stored outputs."""
-        try:
-            (rec,) = await self.store.load([r.session_id], with_reply=True)
-        except StoreUnavailable as e:
-            self._fail(r, e)
-            return
-        reply = replayed(r, rec)
-        if isinstance(reply, CarryoverError):
-            self._fail(r, reply)
-        else:
-            self._resolve(r, reply)
 
     async def _run_model(self, rows: list[StepRequest]) -> None:
         groups = plan_buckets([r.chunk_steps for r in rows], self.settings.bucket_overhead_tokens)
@@ -307,8 +306,9 @@ class Scheduler:
         return self.model.run(batch.inputs, batch.mask, batch.states, batch.constants)
 
     async def _write(self, finals: list[StepRequest]) -> list[StepRequest]:
-        """One pipelined round trip; each session's write is a CAS on the revision it was read at.
-        Returns the generations whose iteration landed (their base is now the written record)."""
+        """One pipelined round trip; each session's write is a CAS on the revision and write token
+        it was read at. Returns the generations whose iteration landed (their base is now the
+        written record); every landed record is cached, every lost one evicted."""
         now = time.time()
         writes = []
         replies = []
@@ -316,33 +316,37 @@ class Scheduler:
             assert r.base is not None
             outputs = join_chunks(r.outputs)
             record = written_record(r, r.base, self.model.contract, outputs, now, self.settings.replay_max_bytes)
-            writes.append((record, r.base.revision))
+            writes.append((record, r.base.revision, r.base.token))
             replies.append(StepReply(r.session_id, record.step, outputs))
         try:
             started = time.perf_counter()
-            outcomes = await self.store.save(writes, replay_window_s=self.settings.replay_window_s)
+            outcomes = await self.store.compare_and_set(writes, replay_window_s=self.settings.replay_window_s)
             self._observe_redis("save", started)
         except StoreUnavailable as e:
             for r in finals:  # the write may or may not have landed: a retry with `step` tells
+                self.cache.evict(r.session_id)
                 self._fail(r, e)
             return []
         landed = []
-        for r, reply, (record, _), outcome in zip(finals, replies, writes, outcomes, strict=True):
+        for r, reply, (outcome, written) in zip(finals, replies, outcomes, strict=True):
             if outcome is WriteOutcome.OK:
+                self.cache.put(written)
                 if self.metrics:
                     self.metrics.steps.labels(self.name).inc(r.total_steps)
                 if r.generation is None:
                     self._resolve(r, reply)
                 else:
-                    r.base = record
+                    r.base, r.cached = written, False
                     landed.append(r)
-            elif outcome is WriteOutcome.MISSING:
+                continue
+            self.cache.evict(r.session_id)
+            if outcome is WriteOutcome.MISSING and not r.cached:
                 self._fail(r, SessionNotFound(f"session {r.session_id!r} was deleted"))
             elif r.generation is not None and r.generation.started:  # tokens were streamed: no rerun
                 self._fail(r, StepConflict(f"session {r.session_id!r} was changed by another writer mid-generation"))
             elif r.attempts + 1 >= MAX_ATTEMPTS:
                 self._fail(r, StepConflict(f"session {r.session_id!r} kept changing under this request"))
-            else:  # another writer won the CAS: nothing of ours landed, run again from its state
+            else:  # another writer won the CAS (or the cache was stale): run again from Redis's record
                 if self.metrics:
                     self.metrics.cas_conflicts.labels(self.name).inc()
                 r.restart()

@@ -19,7 +19,7 @@ fails only that session's requests, not the batch it was loaded with.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import orjson
 
@@ -66,6 +66,11 @@ class SessionRecord:
     constants: tuple[bytes, ...] = ()
     constant_shapes: tuple[tuple[int, ...], ...] = ()
     expires_in: float | None = None  # filled on reads from PTTL, seconds
+    # The write token ``w`` of the write that produced this record (filled on reads, and by
+    # ``SessionStore.compare_and_set`` for the records it writes): with ``revision`` it names one
+    # write, even after a reset or a delete + re-create brings a revision number back. Not part
+    # of a record's equality: two records with the same fields are the same content.
+    token: str = field(default="", compare=False)
 
 
 class WriteOutcome(enum.Enum):
@@ -82,7 +87,10 @@ Loaded = SessionRecord | SessionCorrupt | None
 # field, because redis-py packs every command argument in Python and a batch write has
 # max_batch_size commands: fewer arguments per record is measurably faster (bench/engine.py).
 _META = ("session_id", "model", "fingerprint", "step", "owner", "created_at", "updated_at", "last_digest")
-_APART = ("revision", "ttl_s", "states", "last_reply", "last_prediction", "constants", "constant_shapes", "expires_in")
+_APART = (
+    *("revision", "ttl_s", "states", "last_reply", "last_prediction", "constants", "constant_shapes"),
+    *("expires_in", "token"),  # from PTTL; field ``w``, written by the scripts
+)
 assert {*_META, *_APART} == {f.name for f in fields(SessionRecord)}, "every SessionRecord field must be stored"
 
 
@@ -153,6 +161,7 @@ def decode(key: str, reply: object) -> SessionRecord | SessionCorrupt | None:
             constants=tuple(h[b"k%d" % i] for i in range(n_constants)),
             constant_shapes=tuple(tuple(int(d) for d in shape) for shape in shapes),
             expires_in=int(pttl_ms) / 1000 if int(pttl_ms) >= 0 else None,
+            token=bytes(h.get(b"w", b"")).decode(),
         )
     except (KeyError, ValueError, TypeError, orjson.JSONDecodeError) as e:
         return SessionCorrupt(f"{key} does not hold a well-formed session record: {e!r}")

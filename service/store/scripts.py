@@ -34,7 +34,11 @@ return 1
 # step back to 0, so a step-count CAS can be fooled (ABA): a writer reads step 5, someone resets
 # and steps the session back to 5, and the stale write would succeed over a different history.
 # KEYS: the session's hash, its replay key (same hash tag, so the same cluster slot).
-# ARGV: expected revision, ttl_ms, write token, new revision, replay_ms, replay bytes, field, value, ...
+# A revision number can come back, though (a reset + steps, a /v2 sequence restart, a delete +
+# re-create), so a writer that read the record long ago (the scheduler's record cache) also passes
+# the write token ``w`` of the record it read: the write applies only over that very write.
+# ARGV: expected revision, ttl_ms, write token, new revision, replay_ms, replay bytes, expected
+# token ('' = any), field, value, ...
 # Returns 1 applied, 0 conflict, -1 missing. The whole hash is replaced (every field deleted, then
 # HSET), so no field of an older record (e.g. a state tensor the new one lacks) survives, except
 # the per-session constants (fields starting with ``k``, byte 107): written once at create, never
@@ -51,12 +55,13 @@ if cur[1] ~= ARGV[1] then
   if cur[1] == ARGV[4] and cur[2] == ARGV[3] then return 1 end
   return 0
 end
+if ARGV[7] ~= '' and cur[2] ~= ARGV[7] then return 0 end
 local drop = {}
 for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
   if string.byte(f, 1) ~= 107 then drop[#drop + 1] = f end
 end
 if #drop > 0 then redis.call('HDEL', KEYS[1], unpack(drop)) end
-redis.call('HSET', KEYS[1], 'w', ARGV[3], unpack(ARGV, 7))
+redis.call('HSET', KEYS[1], 'w', ARGV[3], unpack(ARGV, 8))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 if ARGV[6] == '' then
   redis.call('DEL', KEYS[2])

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -166,26 +167,43 @@ class SessionStore:
         In the same atomic step the session's replay copy is set to ``last_reply`` for
         ``replay_window_s`` seconds, or deleted when ``last_reply`` is empty.
         """
+        tokened = [(record, expected, "") for record, expected in writes]
+        return [outcome for outcome, _ in await self.compare_and_set(tokened, replay_window_s=replay_window_s)]
+
+    async def compare_and_set(
+        self, writes: Sequence[tuple[SessionRecord, int, str]], *, replay_window_s: float = 60.0
+    ) -> list[tuple[WriteOutcome, SessionRecord]]:
+        """``save``, each ``(new_record, expected_revision, expected_token)`` also comparing the
+        stored write token with ``expected_token`` ('' = any: only the revision is compared).
+
+        Per write: its outcome and the record as written, with the fresh token of this write
+        (what a later write passes as ``expected_token`` to apply only over this one).
+        """
         window_ms = max(1, round(replay_window_s * 1000))
         calls: list[Call] = []
-        for record, expected in writes:
+        written: list[SessionRecord] = []
+        for record, expected, expected_token in writes:
             check(record)
             if record.revision != expected + 1:
                 raise ValueError(
                     f"session {record.session_id!r}: new revision {record.revision} "
                     f"must be expected revision {expected} + 1"
                 )
+            token = secrets.token_hex(8)  # fresh for every write, whatever the record carried
             args = [
                 expected,
                 record.ttl_s * 1000,
-                secrets.token_hex(8),
+                token,
                 record.revision,
                 window_ms,
                 record.last_reply,
+                expected_token,
                 *encode(record),
             ]
             calls.append((SCRIPTS["save"], (session_key(record.session_id), replay_key(record.session_id)), args))
-        return [_OUTCOMES[int(r)] for r in await self._run(calls)]
+            written.append(replace(record, token=token))
+        outcomes = [_OUTCOMES[int(r)] for r in await self._run(calls)]
+        return list(zip(outcomes, written, strict=True))
 
     async def delete(self, session_id: str, owner: str = "") -> bool:
         """Delete the session's key, whatever it holds (a corrupt record too), and uncount it
