@@ -227,6 +227,26 @@ async def test_cas_conflict_leaves_the_record_unchanged(store: SessionStore) -> 
         await store.save([(replace(first, revision=5), 2)])
 
 
+async def test_a_write_with_an_expected_token_applies_only_over_that_very_write(store: SessionStore) -> None:
+    """ABA: a delete + re-create brings revision 1 back with a new write token; a writer that
+    read the old revision 1 loses the CAS, one that read the new record wins."""
+    rec = record("aba")
+    await store.create(rec)
+    [old] = present(await store.load(["aba"]))
+    assert old.token  # the load decodes the write token ``w``
+    await store.delete("aba", rec.owner)
+    await store.create(rec)
+    [new] = present(await store.load(["aba"]))
+    assert (new.revision, new.token != old.token) == (1, True)
+    [(outcome, _)] = await store.compare_and_set([(advanced(rec), 1, old.token)])
+    assert outcome is WriteOutcome.CONFLICT
+    [(outcome, written)] = await store.compare_and_set([(advanced(rec), 1, new.token)])
+    [stored] = present(await store.load(["aba"]))
+    assert (outcome, stored.revision, stored.token) == (WriteOutcome.OK, 2, written.token)
+    [(outcome, _)] = await store.compare_and_set([(advanced(stored), 2, "")])  # '' compares the revision only
+    assert outcome is WriteOutcome.OK
+
+
 async def test_deleted_session_is_missing(store: SessionStore) -> None:
     rec = record("gone")
     await store.create(rec)
