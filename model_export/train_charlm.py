@@ -59,6 +59,23 @@ def bits_per_char(model: RecurrentNet, ids: np.ndarray, streams: int = 16, windo
     return total / count / math.log(2)
 
 
+def lr_schedule(
+    opt: torch.optim.Optimizer, kind: str, peak: float, steps: int, warmup: float
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """One-cycle (PyTorch's: cosine up from peak/25 and down to ~0, beta1 cycled 0.95-0.85) or a
+    linear warm-up to ``peak`` then a cosine decay to zero, with beta1 fixed."""
+    if kind == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak, total_steps=steps, pct_start=warmup)
+    warm = max(1, round(steps * warmup))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=3000)
@@ -68,7 +85,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--embedding", type=int, default=48)
     p.add_argument("--streams", type=int, default=32)
     p.add_argument("--window", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--schedule", choices=("onecycle", "cosine"), default="onecycle")
+    p.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps spent warming up")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0: none)")
+    p.add_argument("--beta2", type=float, default=0.999, help="Adam's second-moment decay")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (AdamW)")
+    p.add_argument("--shuffle-files", action="store_true", help="train on the files in a seeded random order")
+    p.add_argument("--no-export", action="store_true", help="score in PyTorch only (experiments)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-chars", type=int, default=None, help="held-out characters to score (default: all)")
     p.add_argument("--train-chars", type=int, default=None, help="cap on training characters (tests use it)")
@@ -79,7 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     np.random.seed(args.seed)
     torch.set_num_threads(args.threads)
     corpus = split_stdlib()
-    train_text = read_text(corpus.train, args.train_chars)
+    train_files = list(corpus.train)
+    if args.shuffle_files:  # the sorted order puts whole packages side by side in a row
+        train_files = [train_files[i] for i in np.random.default_rng(args.seed).permutation(len(train_files))]
+    train_text = read_text(train_files, args.train_chars)
     vocab = build_vocab(train_text)
     train_ids = encode(train_text, vocab)
     held_ids = encode(read_text(corpus.held_out, args.eval_chars), vocab)
@@ -98,8 +125,8 @@ def main(argv: list[str] | None = None) -> None:
         vocab=vocab,
         unk_id=len(vocab) - 1,
     )
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay)
+    sched = lr_schedule(opt, args.schedule, args.lr, args.steps, args.warmup)
     rows, n_windows = stream_batches(train_ids, args.streams, args.window)
     state = model.initial_state(args.streams)
     started = time.time()
@@ -114,14 +141,21 @@ def main(argv: list[str] | None = None) -> None:
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if args.clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
         sched.step()
         if step % 50 == 0:
             bar.set_postfix(bpc=f"{loss.item() / math.log(2):.3f}")
     train_minutes = (time.time() - started) / 60
+    chars_seen = args.steps * args.streams * args.window
     held_bpc = bits_per_char(model, held_ids)
-    print(f"held-out bits/char: {held_bpc:.4f} over {len(held_ids):,} chars; trained {train_minutes:.1f} min")
+    print(
+        f"held-out bits/char: {held_bpc:.4f} over {len(held_ids):,} chars; trained on {chars_seen:,} chars "
+        f"in {train_minutes:.1f} min ({chars_seen / (train_minutes * 60):,.0f} chars/s)"
+    )
+    if args.no_export:
+        return
 
     args.out.mkdir(parents=True, exist_ok=True)
     onnx_path = export_cell(model, args.out / "charlm.onnx", "sequence")
@@ -135,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         "held_out_files": len(corpus.held_out),
         "train_files": len(corpus.train),
         "train_chars": len(train_ids),
-        "chars_seen_in_training": args.steps * args.streams * args.window,
+        "chars_seen_in_training": chars_seen,
         "parameters": params,
         "train_minutes": round(train_minutes, 1),
         "python": platform.python_version(),
