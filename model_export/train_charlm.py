@@ -11,6 +11,7 @@ model never saw and written into the model card next to the ONNX file.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
 import platform
@@ -23,11 +24,12 @@ from torch import nn
 from tqdm import tqdm
 
 from model_export.cells import RecurrentNet
-from model_export.charlm_data import build_vocab, encode, read_text, split_stdlib
+from model_export.charlm_data import build_vocab, encode, package_files, read_text, split_stdlib
 from model_export.charlm_eval import bits_per_char as bits_per_char_runtime
 from model_export.export import export_cell
 from service.engine.model import RecurrentModel
 
+THIRD_PARTY = "pydantic"  # a runtime dependency of the service, so always installed beside it
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "service" / "models"
 
 
@@ -78,14 +80,14 @@ def lr_schedule(
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=3250)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--embedding", type=int, default=48)
     p.add_argument("--streams", type=int, default=32)
-    p.add_argument("--window", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--window", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate")
     p.add_argument("--schedule", choices=("onecycle", "cosine"), default="onecycle")
     p.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps spent warming up")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0: none)")
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (AdamW)")
     p.add_argument("--shuffle-files", action="store_true", help="train on the files in a seeded random order")
     p.add_argument("--no-export", action="store_true", help="score in PyTorch only (experiments)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads (2 spin-wait on a busy 2-core box)")
     p.add_argument("--eval-chars", type=int, default=None, help="held-out characters to score (default: all)")
     p.add_argument("--train-chars", type=int, default=None, help="cap on training characters (tests use it)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -161,17 +163,24 @@ def main(argv: list[str] | None = None) -> None:
     onnx_path = export_cell(model, args.out / "charlm.onnx", "sequence")
     runtime_bpc = bits_per_char_runtime(RecurrentModel(onnx_path), held_ids)
     print(f"held-out bits/char through the ONNX runtime: {runtime_bpc:.4f}")
+    third_ids = encode(read_text(package_files(THIRD_PARTY), args.eval_chars), vocab)
+    third_bpc = bits_per_char_runtime(RecurrentModel(onnx_path), third_ids)
+    print(f"{THIRD_PARTY} bits/char through the ONNX runtime: {third_bpc:.4f} over {len(third_ids):,} chars")
     params = sum(p.numel() for p in model.parameters())
     card = {
         "held_out_bits_per_char": round(runtime_bpc, 4),
         "held_out_bits_per_char_torch": round(held_bpc, 4),
         "held_out_chars": len(held_ids),
         "held_out_files": len(corpus.held_out),
+        "third_party_bits_per_char": round(third_bpc, 4),
+        "third_party_chars": len(third_ids),
+        "third_party": f"{THIRD_PARTY} {importlib.metadata.version(THIRD_PARTY)}",
         "train_files": len(corpus.train),
         "train_chars": len(train_ids),
         "chars_seen_in_training": chars_seen,
         "parameters": params,
         "train_minutes": round(train_minutes, 1),
+        "chars_per_second": round(chars_seen / (train_minutes * 60)),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
@@ -184,6 +193,10 @@ def main(argv: list[str] | None = None) -> None:
 def model_card(card: dict[str, object], vocab: str, onnx_path: Path) -> str:
     a = card["args"]
     assert isinstance(a, dict)
+    order = ", in a seeded random file order" if a["shuffle_files"] else ""
+    decay = f", weight decay {a['weight_decay']}" if a["weight_decay"] else ""
+    optimizer = f"Adam{'W' if decay else ''} (beta2 {a['beta2']}{decay})"
+    schedule = "one-cycle" if a["schedule"] == "onecycle" else "linear warm-up + cosine"
     return f"""# charlm — the bundled demo model
 
 A character-level language model of Python source: a {a["layers"]}-layer GRU (hidden {a["hidden"]},
@@ -204,14 +217,21 @@ the exported ONNX file through carryover's runtime (`python -m model_export.char
 on the same text: {card["held_out_bits_per_char_torch"]}). `tests/model_export/test_charlm.py`
 re-measures a held-out sample through the runtime on every test run.
 
+Third-party code: {card["third_party_bits_per_char"]} bits/char over the {card["third_party_chars"]:,} characters
+of the `*.py` files of {card["third_party"]} (other authors, other style; measured the same way,
+`python -m model_export.charlm_eval --third-party {str(card["third_party"]).split()[0]}`).
+
 ## Training
 
-Data: {card["train_files"]} files, {card["train_chars"]:,} characters; {card["chars_seen_in_training"]:,}
-characters seen (truncated BPTT, {a["streams"]} streams × windows of {a["window"]}, {a["steps"]} steps,
-Adam with a one-cycle schedule, max lr {a["lr"]}, gradient clip 1.0, seed {a["seed"]},
-{a["threads"]} CPU threads, {card["train_minutes"]} minutes, torch {card["torch"]}).
+Data: {card["train_files"]} files, {card["train_chars"]:,} characters{order};
+{card["chars_seen_in_training"]:,} characters seen (truncated BPTT, {a["streams"]} streams × windows of {a["window"]},
+{a["steps"]} steps, {optimizer},
+{schedule} schedule with {a["warmup"]:.0%} warm-up,
+peak lr {a["lr"]}, gradient clip {a["clip"]}, seed {a["seed"]}, {a["threads"]} CPU thread(s):
+{card["train_minutes"]} minutes at {card["chars_per_second"]:,} chars/s, torch {card["torch"]}).
 
-Reproduce: `python -m model_export.train_charlm --seed {a["seed"]} --steps {a["steps"]}`.
+Reproduce: `python -m model_export.train_charlm --seed {a["seed"]} --steps {a["steps"]}` (the defaults
+are this recipe; the experiments behind it: `bench/results/charlm_experiments.md`).
 
 Intended use: a demo and a test fixture for the serving path, not a code-completion model.
 """
