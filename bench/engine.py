@@ -6,7 +6,8 @@
 is answered) through the real engine: a real Redis (an embedded redis-server in a temp dir),
 the real scheduler and the bundled char LM. Runs: batching on (``max_batch_size=64``) and off
 (``max_batch_size=1``). The ceiling replays the exact (B, T) shapes the batching run executed
-straight into ``RecurrentModel.run``: no Redis, no asyncio. All numbers come from one run on
+straight into ``RecurrentModel.run``: no Redis, no asyncio. The engine runs on uvloop, as in
+``carryover serve`` (``--asyncio-loop``: the stdlib loop). All numbers come from one run on
 the same machine, so the ratios are what matter on a shared, noisy box.
 Writes ``bench/results/engine.json`` and ``bench/results/engine.md``.
 """
@@ -20,8 +21,9 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -32,6 +34,7 @@ from service.store.embedded import redis_or_embedded
 from service.store.store import SessionStore
 
 RESULTS = Path(__file__).parent / "results"
+_T = TypeVar("_T")
 
 
 async def engine_run(
@@ -203,6 +206,19 @@ def write(result: dict[str, Any], results: Path = RESULTS) -> None:
     (results / "engine.md").write_text("\n".join(lines) + "\n")
 
 
+def run_loop(main: Coroutine[Any, Any, _T], *, uvloop: bool = True) -> _T:
+    """Run ``main`` on uvloop where it is installed (what ``carryover serve`` runs on: uvicorn
+    picks it), else on the stdlib loop; the stdlib loop's own overhead per batch is larger."""
+    if uvloop:
+        try:
+            import uvloop as fast
+        except ImportError:  # uvicorn[standard] installs it on Linux and macOS only
+            pass
+        else:
+            return fast.run(main)
+    return asyncio.run(main)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", type=Path, default=RESULTS, help="where the JSON, table and plot go")
@@ -213,8 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="ORT intra-op threads, for the engine and the ceiling")
     p.add_argument("--model", default=str(BUNDLED_MODEL))
     p.add_argument("--redis-url", default=None, help="default: an embedded redis-server in a temp dir")
+    p.add_argument("--asyncio-loop", action="store_true", help="the stdlib event loop instead of uvloop")
     args = p.parse_args(argv)
-    result = asyncio.run(main_async(args))
+    result = run_loop(main_async(args), uvloop=not args.asyncio_loop)
     write(result, args.results)
     from bench.plots import plot_all
 

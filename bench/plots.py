@@ -170,6 +170,24 @@ def stage_plot(result: dict[str, Any], target: Path) -> None:
     _save(fig, target)
 
 
+def scale_plot(result: dict[str, Any], target: Path) -> None:
+    """p50 and p99 per operation at the baseline, the big level and the baseline again (``bench.scale``)."""
+    levels = result["levels"]
+    ops = list(levels[0]["latency"])
+    names = ("", "", " again")
+    colors = {"p50_ms": ("#9fc5e8", "#2f6db5", "#cfe2f3"), "p99_ms": ("#bbbbbb", "#555555", "#e0e0e0")}
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    width = 0.13
+    bars = [(key, i) for key in colors for i in range(len(levels))]
+    for k, (key, i) in enumerate(bars):
+        xs = [j + (k - (len(bars) - 1) / 2) * width for j in range(len(ops))]
+        label = f"{key[:3]}, {levels[i]['sessions']:,} sessions{names[i]}"
+        ax.bar(xs, [levels[i]["latency"][op][key] for op in ops], width, label=label, color=colors[key][i])
+    ax.set_xticks(range(len(ops)), ops)
+    _label(ax, "operation (sequential requests)", "latency (ms)", "latency against the number of idle sessions")
+    _save(fig, target)
+
+
 def plot_matrix(result: dict[str, Any], target: Path) -> None:
     """The four PNGs of a ``run_all`` result, into the folder ``target``."""
     sessions = result["breakdown"][0]["sessions"] if result["breakdown"] else max(result["setup"]["sessions"])

@@ -41,14 +41,16 @@ def free_port() -> int:
 class Server:
     """A subprocess serving ``url``; ``start()`` returns once ``ready`` answers (or raises)."""
 
-    def __init__(self, argv: list[str], url: str, ready: str | None = "/readyz", name: str = "server") -> None:
-        self.argv, self.url, self.ready, self.name = argv, url, ready, name
+    def __init__(
+        self, argv: list[str], url: str, ready: str | None = "/readyz", name: str = "server", cwd: Path = ROOT
+    ) -> None:
+        self.argv, self.url, self.ready, self.name, self.cwd = argv, url, ready, name, cwd
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - the server's output, kept until __exit__
 
     def start(self) -> Server:
         self.proc = subprocess.Popen(
-            self.argv, stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log, start_new_session=True, cwd=ROOT
+            self.argv, stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log, start_new_session=True, cwd=self.cwd
         )
         return self
 
@@ -105,19 +107,21 @@ class Server:
         self.log.close()
 
 
-def redis(directory: Path) -> Server:
-    """A private redis-server without persistence (benchmarks measure the service, not fsync)."""
+def redis(directory: Path, *extra: str) -> Server:
+    """A private redis-server without persistence (benchmarks measure the service, not fsync);
+    ``extra``: more redis-server flags."""
     port = free_port()
     argv = [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    argv += ["--dir", str(directory), "--daemonize", "no"]
+    argv += ["--dir", str(directory), "--daemonize", "no", *extra]
     return Server(argv, f"redis://127.0.0.1:{port}/0", ready=None, name="redis-server")
 
 
-def carryover(redis_url: str, *extra: str) -> Server:
-    """``carryover serve`` on a free port against ``redis_url`` (``extra``: more serve flags)."""
+def carryover(redis_url: str, *extra: str, root: Path = ROOT) -> Server:
+    """``carryover serve`` on a free port against ``redis_url`` (``extra``: more serve flags);
+    ``root``: the checkout whose ``service`` package runs (another one: an A/B of two versions)."""
     port = free_port()
     argv = [sys.executable, "-m", "service", "serve", "--port", str(port), "--redis-url", redis_url, *extra]
-    return Server(argv, f"http://127.0.0.1:{port}", name="carryover serve")
+    return Server(argv, f"http://127.0.0.1:{port}", name="carryover serve", cwd=root)
 
 
 def naive(redis_url: str, *extra: str) -> Server:

@@ -21,8 +21,9 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from service.engine.contract import METADATA_KEY, FlagDeclaration, Form, ModelContract
+from service.engine.contract import ModelContract
 from service.engine.inspect import inspect_signature
+from service.engine.metadata import METADATA_KEY, FlagDeclaration, Form
 from service.engine.model import RecurrentModel
 from service.errors import ModelContractError
 
@@ -47,6 +48,12 @@ def contract_metadata(contract: ModelContract) -> dict[str, object]:
     }
     if contract.mask:
         meta["mask"] = contract.mask
+    if contract.constants:
+        meta["constants"] = [
+            {"input": c.name, "batch_axis": c.batch_axis}
+            | ({"length_axis": c.length_axis, "mask": c.mask} if c.mask else {})
+            for c in contract.constants
+        ]
     if contract.vocab is not None:
         meta["vocab"], meta["unk_id"] = "".join(contract.vocab), contract.unk_id
     return meta
@@ -54,8 +61,7 @@ def contract_metadata(contract: ModelContract) -> dict[str, object]:
 
 def guessed_flags(path: Path) -> FlagDeclaration:
     """What ``carryover inspect`` finds in the file, as flags."""
-    found = inspect_signature(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]))
-    return FlagDeclaration(tuple(f"{i}:{o}:{a}" for i, o, a in found.pairs), found.mask, found.form)
+    return inspect_signature(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])).declaration()
 
 
 def annotate(path: str | Path, out: str | Path | None = None, flags: FlagDeclaration | None = None) -> Path:
@@ -79,7 +85,9 @@ def annotate(path: str | Path, out: str | Path | None = None, flags: FlagDeclara
 def _merge(guess: FlagDeclaration, given: FlagDeclaration | None) -> FlagDeclaration:
     if given is None:
         return guess
-    return FlagDeclaration(guess.state, given.mask or guess.mask, given.form or guess.form)
+    return FlagDeclaration(
+        guess.state, given.mask or guess.mask, given.form or guess.form, given.constants or guess.constants
+    )
 
 
 def _has_external_data(proto: onnx.ModelProto) -> bool:
@@ -93,10 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state", action="append", default=[], metavar="IN:OUT[:AXIS]")
     parser.add_argument("--mask", metavar="NAME")
     parser.add_argument("--form", choices=["sequence", "step"])
+    parser.add_argument("--constant", action="append", default=[], metavar="INPUT:BATCH_AXIS:LENGTH_AXIS:MASK")
     args = parser.parse_args(argv)
     form: Form | None = args.form
     try:
-        target = annotate(args.model, args.output, FlagDeclaration(tuple(args.state), args.mask, form))
+        target = annotate(
+            args.model, args.output, FlagDeclaration(tuple(args.state), args.mask, form, tuple(args.constant))
+        )
     except ModelContractError as e:
         print(f"annotate {args.model}: {e}", file=sys.stderr)
         return 1

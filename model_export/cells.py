@@ -43,6 +43,27 @@ class StateSpec:
 
 
 @dataclass(frozen=True)
+class ConstantSpec:
+    """A per-session constant input (e.g. the encoder outputs an attention decoder attends over),
+    the same at every timestep. ``shape`` writes the batch axis as ``"B"`` and the per-session
+    length as ``"L"``, e.g. ``("B", "L", 16)``; ``mask`` names the ``[B, L]`` bool input that
+    marks the real positions of a padded batch (None: no length axis, a fixed shape)."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    mask: str | None = None
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def batch_axis(self) -> int:
+        return self.shape.index("B")
+
+    @property
+    def length_axis(self) -> int | None:
+        return self.shape.index("L") if "L" in self.shape else None
+
+
+@dataclass(frozen=True)
 class CellSpec:
     inputs: tuple[DataSpec, ...]
     outputs: tuple[DataSpec, ...]
@@ -51,13 +72,16 @@ class CellSpec:
     vocab: str | list[str] | None = None
     unk_id: int | None = None
     extra: dict[str, object] = field(default_factory=dict)
+    constants: tuple[ConstantSpec, ...] = ()
 
 
 @runtime_checkable
 class StepCell(Protocol):
     """What the exporter needs from a user's model.
 
-    ``forward(*inputs, *states) -> (*outputs, *new_states)`` runs ONE timestep for a batch.
+    ``forward(*inputs, *states) -> (*outputs, *new_states)`` runs ONE timestep for a batch; a
+    cell with per-session constants takes them last, each followed by its mask when it has one:
+    ``forward(*inputs, *states, memory, memory_mask)``.
     ``initial_state(batch_size)`` returns the state a new session starts from (zeros in every
     bundled model; the runtime also starts sessions from zeros).
     """

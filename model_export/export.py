@@ -25,9 +25,10 @@ from onnx import TensorProto, helper
 
 from model_export.cells import CellSpec, StepCell
 from service.engine.carry import BATCH_DIM, Carried, add_carry
-from service.engine.contract import METADATA_KEY, Form
+from service.engine.metadata import METADATA_KEY, Form
 
 TIME_DIM = "T"
+EXAMPLE_LENGTH = 5  # a constant's length in the traced example (any length works after export)
 
 
 def contract_metadata(spec: CellSpec, form: Form) -> dict[str, object]:
@@ -42,6 +43,12 @@ def contract_metadata(spec: CellSpec, form: Form) -> dict[str, object]:
     }
     if form == "sequence":
         meta["mask"] = "mask"
+    if spec.constants:
+        meta["constants"] = [
+            {"input": c.name, "batch_axis": c.batch_axis}
+            | ({"length_axis": c.length_axis, "mask": c.mask} if c.mask else {})
+            for c in spec.constants
+        ]
     if spec.kind == "token_lm":
         meta["vocab"] = spec.vocab
         meta["unk_id"] = spec.unk_id
@@ -58,7 +65,17 @@ def _example_args(cell: StepCell, spec: CellSpec, batch: int) -> tuple[torch.Ten
         else:
             args.append(torch.zeros((batch, *d.shape), dtype=d.dtype))
     args.extend(s + 0.1 for s in cell.initial_state(batch))
+    for c in spec.constants:
+        shape = [batch if d == "B" else EXAMPLE_LENGTH if d == "L" else int(d) for d in c.shape]
+        args.append(torch.randn(shape, generator=gen, dtype=c.dtype))
+        if c.mask is not None:
+            args.append(torch.ones((batch, EXAMPLE_LENGTH), dtype=torch.bool))
     return tuple(args)
+
+
+def _constant_names(spec: CellSpec) -> list[str]:
+    """The graph inputs of the constants, each followed by its mask (the cell's argument order)."""
+    return [n for c in spec.constants for n in (c.name, c.mask) if n is not None]
 
 
 def trace_step_graph(cell: StepCell, *, example_batch: int = 3) -> onnx.ModelProto:
@@ -71,12 +88,20 @@ def trace_step_graph(cell: StepCell, *, example_batch: int = 3) -> onnx.ModelPro
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     dynamic: list[dict[int, object]] = [{0: batch} for _ in spec.inputs]
     dynamic += [{s.batch_axis: batch} for s in spec.states]
+    for c in spec.constants:  # each length dim its own: sessions' memories differ in length
+        length = torch.export.Dim(f"length_{c.name}", min=1, max=1 << 20)
+        axes: dict[int, object] = {c.batch_axis: batch}
+        if c.length_axis is not None:
+            axes[c.length_axis] = length
+        dynamic.append(axes)
+        if c.mask is not None:
+            dynamic.append({0: batch, 1: length})
     with torch.no_grad():
         program = torch.onnx.export(
             module,
             _example_args(cell, spec, example_batch),
             dynamo=True,
-            input_names=[d.name for d in spec.inputs] + [s.input for s in spec.states],
+            input_names=[d.name for d in spec.inputs] + [s.input for s in spec.states] + _constant_names(spec),
             output_names=[d.name for d in spec.outputs] + [s.output for s in spec.states],
             dynamic_shapes=(tuple(dynamic),),
             optimize=True,
@@ -104,11 +129,21 @@ def _name_batch_dims(graph: onnx.GraphProto, spec: CellSpec) -> None:
     axes = {d.name: 0 for d in (*spec.inputs, *spec.outputs)}
     axes.update({s.input: s.batch_axis for s in spec.states})
     axes.update({s.output: s.batch_axis for s in spec.states})
+    axes.update({c.name: c.batch_axis for c in spec.constants})
+    axes.update({c.mask: 0 for c in spec.constants if c.mask})
+    lengths = {c.name: c.length_axis for c in spec.constants if c.length_axis is not None}
+    lengths.update({c.mask: 1 for c in spec.constants if c.mask})
+    names = {c.mask: f"L_{c.mask}" for c in spec.constants if c.mask} | {
+        c.name: f"L_{c.mask}" for c in spec.constants if c.mask
+    }
     for vi in (*graph.input, *graph.output):
         dims = vi.type.tensor_type.shape.dim
         if vi.name in axes and len(dims) > axes[vi.name]:
             dims[axes[vi.name]].Clear()
             dims[axes[vi.name]].dim_param = BATCH_DIM
+        if vi.name in lengths:
+            dims[lengths[vi.name]].Clear()
+            dims[lengths[vi.name]].dim_param = names[vi.name]
 
 
 def _finish(model: onnx.ModelProto, spec: CellSpec, form: Form, producer: str) -> onnx.ModelProto:
@@ -134,7 +169,10 @@ def _prefixed(name: str, keep: set[str]) -> str:
 def build_sequence_model(step: onnx.ModelProto, spec: CellSpec) -> onnx.ModelProto:
     """Wrap the step graph in a ``Scan`` over time with the masked carry (see module doc)."""
     g = step.graph
-    outer_names = {init.name for init in g.initializer}
+    # Per-session constants are graph inputs of the sequence form too, read by the body from the
+    # outer scope: the same tensor at every timestep, never scanned, never carried.
+    constants = _constant_names(spec)
+    outer_names = {init.name for init in g.initializer} | set(constants)
     # Body: the cell's nodes with every value renamed into the body scope; weights stay
     # outer-scope initializers so they are loaded (and on CUDA uploaded) once.
     body_nodes: list[onnx.NodeProto] = []
@@ -196,7 +234,8 @@ def build_sequence_model(step: onnx.ModelProto, spec: CellSpec) -> onnx.ModelPro
         "carryover_sequence",
         [with_time(d.name) for d in spec.inputs]
         + [helper.make_tensor_value_info("mask", TensorProto.BOOL, [BATCH_DIM, TIME_DIM])]
-        + [types_vi(s.input, types) for s in spec.states],
+        + [types_vi(s.input, types) for s in spec.states]
+        + [types_vi(name, types) for name in constants],
         [with_time(d.name) for d in spec.outputs] + [types_vi(s.output, types) for s in spec.states],
         initializer=list(g.initializer),
     )

@@ -38,7 +38,7 @@ from model_export.keras_layers import (
     RecurrentKind,
     RecurrentStep,
 )
-from service.engine.contract import Form
+from service.engine.metadata import Form
 from service.errors import ModelContractError
 
 RECURRENT = ("SimpleRNN", "GRU", "LSTM")

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from service.engine.contract import ModelContract
+from service.engine.constants import pad_constants
+from service.engine.contract import LENGTH, ModelContract
 from service.engine.model import RecurrentModel
 
 Layout = str  # "right" | "left" | "holes" | "empty"
@@ -74,13 +75,25 @@ def random_inputs(contract: ModelContract, steps: int, rng: np.random.Generator)
     return out
 
 
+def random_constants(contract: ModelContract, rng: np.random.Generator, max_length: int = 9) -> dict[str, np.ndarray]:
+    """One session's per-session constants (standard normals), each of a random length."""
+    out = {}
+    for c in contract.constants:
+        length = int(rng.integers(1, max_length + 1))
+        shape = [length if d == LENGTH else d for d in c.shape]
+        out[c.name] = rng.standard_normal(shape).astype(c.dtype)
+    return out
+
+
 def unpadded_run(
-    model: RecurrentModel, inputs: dict[str, np.ndarray]
+    model: RecurrentModel, inputs: dict[str, np.ndarray], constants: dict[str, np.ndarray] | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """The reference: one sequence alone, B = 1, no padding, from the initial state."""
+    """The reference: one sequence alone, B = 1, no padding, from the initial state, with its own
+    (unpadded) constants when the model has any."""
     steps = next(iter(inputs.values())).shape[0]
+    feeds = pad_constants(model.contract, [constants or {}]) if model.contract.constants else None
     result = model.run(
-        {k: v[None] for k, v in inputs.items()}, np.ones((1, steps), bool), model.contract.initial_states(1)
+        {k: v[None] for k, v in inputs.items()}, np.ones((1, steps), bool), model.contract.initial_states(1), feeds
     )
     return ({k: v[0] for k, v in result.outputs.items()}, {k: v[0] for k, v in result.states.items()})
 
@@ -147,9 +160,16 @@ def random_schedule(lengths: list[int], rng: np.random.Generator, max_chunk: int
     return schedule
 
 
-def run_schedule(model: RecurrentModel, data: list[dict[str, np.ndarray]], schedule: list[Batch]) -> ScheduleResult:
-    """Run ``schedule`` the way the service does: each sequence's state carried between batches."""
+def run_schedule(
+    model: RecurrentModel,
+    data: list[dict[str, np.ndarray]],
+    schedule: list[Batch],
+    constants: list[dict[str, np.ndarray]] | None = None,
+) -> ScheduleResult:
+    """Run ``schedule`` the way the service does: each sequence's state carried between batches,
+    its constants padded beside the other rows' along their length axes."""
     c = model.contract
+    constants = constants or [{} for _ in data]
     lengths = [next(iter(d.values())).shape[0] for d in data]
     offset = [0] * len(data)
     states = [c.initial_states(1) for _ in data]
@@ -163,7 +183,9 @@ def run_schedule(model: RecurrentModel, data: list[dict[str, np.ndarray]], sched
             for name, x in data[row.sequence].items():
                 inputs[name][r, mask[r]] = x[offset[row.sequence] : offset[row.sequence] + len(row.positions)]
         before = [states[row.sequence] for row in batch.rows]
-        result = model.run(inputs, mask, {s.input: np.concatenate([b[s.input] for b in before]) for s in c.states})
+        stacked = {s.input: np.concatenate([b[s.input] for b in before]) for s in c.states}
+        feeds = pad_constants(c, [constants[row.sequence] for row in batch.rows]) if c.constants else None
+        result = model.run(inputs, mask, stacked, feeds)
         for r, row in enumerate(batch.rows):
             i, n = row.sequence, len(row.positions)
             for name, y in result.outputs.items():
@@ -215,11 +237,12 @@ def verify_model(
 
         make_inputs = keras_inputs(keras_model)
     data = [make_inputs(c, n, rng) for n in lengths]
+    constants = [random_constants(c, rng) for _ in lengths]
     try:
-        refs = [unpadded_run(model, d) for d in data]
+        refs = [unpadded_run(model, d, k) for d, k in zip(data, constants, strict=True)]
         for _ in range(rounds):
             schedule = random_schedule(lengths, rng, max_chunk)
-            result = run_schedule(model, data, schedule)
+            result = run_schedule(model, data, schedule, constants)
             report.failures.extend(dict.fromkeys(result.failures))
             for batch in schedule:
                 report.batches += 1
@@ -238,7 +261,7 @@ def verify_model(
             f"{max(report.worst_output_error, report.worst_state_error):.3g}"
         )
     if torch_module is not None:
-        report.worst_torch_error = compare_with_torch(torch_module, c, data, refs)
+        report.worst_torch_error = compare_with_torch(torch_module, c, data, refs, constants)
         if report.worst_torch_error > tolerance:
             report.failures.append(f"ONNX differs from PyTorch by {report.worst_torch_error:.3g}")
     if keras_model is not None:
@@ -255,19 +278,27 @@ def compare_with_torch(
     contract: ModelContract,
     data: list[dict[str, np.ndarray]],
     refs: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
+    constants: list[dict[str, np.ndarray]] | None = None,
 ) -> float:
-    """Worst difference between the ONNX reference and the module's own step-by-step run."""
+    """Worst difference between the ONNX reference and the module's own step-by-step run (a
+    module with constants takes each, batch of 1, after the states, followed by its all-true mask)."""
     import torch
 
     module.eval()
     worst = 0.0
     with torch.no_grad():
-        for inputs, (ref_out, ref_state) in zip(data, refs, strict=True):
+        for i, (inputs, (ref_out, ref_state)) in enumerate(zip(data, refs, strict=True)):
+            fixed = []
+            for k in contract.constants:
+                value = (constants or [])[i][k.name]
+                fixed.append(torch.from_numpy(np.expand_dims(value, k.batch_axis)))
+                if k.mask is not None and k.session_length_axis is not None:
+                    fixed.append(torch.ones((1, value.shape[k.session_length_axis]), dtype=torch.bool))
             state = tuple(module.initial_state(1))
             steps = next(iter(inputs.values())).shape[0]
             for t in range(steps):
                 args = [torch.from_numpy(inputs[i.name][t : t + 1]) for i in contract.inputs]
-                result = module(*args, *state)
+                result = module(*args, *state, *fixed)
                 n_out = len(contract.outputs)
                 for o, y in zip(contract.outputs, result[:n_out], strict=True):
                     worst = max(worst, _max_err(y.numpy()[0], ref_out[o.name][t]))

@@ -93,6 +93,10 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, Recurre
         lifespan=lifespan,
         description="Streaming inference for recurrent models: per-session state in Redis, "
         "ragged micro-batching on ONNX Runtime.",
+        # Metrics are Prometheus (/metrics). FastAPI's OpenTelemetry hook otherwise asks the
+        # OTel providers (environment lookups) on every request: 5 % of the CPU at 256 HTTP
+        # sessions (docs/bench). Older FastAPI versions take the keyword as an unused extra.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     install_state(app, state)
     auth = install_auth(app, settings)  # reads the key file now: a bad one fails here, not later

@@ -13,14 +13,15 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from service.config import BUNDLED_MODEL, model_flags
-from service.engine.contract import FlagDeclaration
+from service.engine.metadata import FlagDeclaration
 from service.errors import EmbeddedRedisError, ModelContractError, StartupError, UnknownSetting
 
 
 def _flags(args: argparse.Namespace) -> FlagDeclaration:
-    """``--state``/``--mask``/``--form`` of a one-model command (a ``MODEL=`` prefix must name it)."""
+    """``--state``/``--mask``/``--form``/``--constant`` of a one-model command (a ``MODEL=`` prefix
+    must name it)."""
     name = args.model.stem
-    return model_flags(name, [name], args.state or [], args.mask or [], args.form or [])
+    return model_flags(name, [name], args.state or [], args.mask or [], args.form or [], args.constant or [])
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -54,8 +55,8 @@ def _verify(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     import onnxruntime as ort
 
-    from service.engine.contract import METADATA_KEY
     from service.engine.inspect import inspect_signature, render
+    from service.engine.metadata import METADATA_KEY
     from service.engine.model import RecurrentModel
 
     try:
@@ -68,7 +69,7 @@ def _inspect(args: argparse.Namespace) -> int:
     print(render(found, args.model, args.model.stem, metadata))
     if metadata is None and not found.pairs:
         return 1
-    flags = FlagDeclaration(tuple(f"{i}:{o}:{a}" for i, o, a in found.pairs), found.mask, found.form)
+    flags = found.declaration()
     try:
         model = RecurrentModel(args.model, flags=flags)
     except ModelContractError as e:
@@ -76,7 +77,26 @@ def _inspect(args: argparse.Namespace) -> int:
         return 1
     shapes = ", ".join(f"{t.name} [B, T, {', '.join(map(str, t.shape))}]" for t in model.contract.outputs)
     print(f"  check: loads and runs at B=1, 2 and T=1, 3 ({model.contract.form} form; outputs {shapes})")
+    for c in model.contract.constants:
+        print(f"  constant {c.name} {c.describe()['shape']} per session (mask {c.mask}): given at session creation")
     return 0
+
+
+# bench/ modules with a main(argv): runnable from a source checkout as `carryover bench NAME`
+BENCHMARKS = (
+    "engine",
+    "api",
+    "generate",
+    "constants",
+    "loadgen",
+    "run_all",
+    "scale",
+    "ab",
+    "memory",
+    "gpu",
+    "soak",
+    "chaos",
+)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -135,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("--mask", action="append", metavar="NAME", help="mask input of a model without metadata")
     verify.add_argument(
+        "--constant",
+        action="append",
+        metavar="INPUT:BATCH_AXIS:LENGTH_AXIS:MASK",
+        help="per-session constant input of a model without metadata",
+    )
+    verify.add_argument(
         "--form", action="append", choices=["sequence", "step"], help="form of a model without metadata"
     )
     verify.add_argument("--providers", nargs="+", help="execution providers, e.g. cuda cpu")
@@ -155,11 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="run a benchmark (engine | api), from a source checkout",
-        description="Runs bench/engine.py or bench/api.py; arguments after the name go to it "
-        "(e.g. carryover bench engine --steps 8 32).",
+        help=f"run a benchmark ({' | '.join(BENCHMARKS)}), from a source checkout",
+        description="Runs bench/NAME.py; arguments after the name go to it (e.g. carryover bench engine --steps 8 32).",
     )
-    bench.add_argument("which", choices=["engine", "api", "loadgen", "run_all"])
+    bench.add_argument("which", choices=BENCHMARKS)
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark (see its --help)")
     bench.set_defaults(func=_bench)
 

@@ -10,14 +10,14 @@ value in ``--help``.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, CliVariadicArg, SettingsConfigDict
 
-from service.engine.contract import FlagDeclaration, Form
+from service.engine.metadata import FlagDeclaration, Form
 from service.errors import ModelContractError
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "charlm.onnx"
@@ -57,6 +57,11 @@ class Settings(BaseSettings):
         description="sequence or step, for a model without metadata (unset: sequence with a mask; MODEL= prefix)",
         json_schema_extra={"metavar": "[MODEL=]FORM"},
     )
+    constant: list[str] = Field(
+        [],
+        description="per-session constant input of a model without metadata (repeatable; MODEL= prefix)",
+        json_schema_extra={"metavar": "[MODEL=]INPUT:BATCH_AXIS:LENGTH_AXIS:MASK"},
+    )
     providers: CliVariadicArg[list[str] | None] = Field(
         None,
         description="ONNX Runtime execution providers, e.g. cuda cpu (unset: CUDA if usable, else CPU)",
@@ -78,6 +83,9 @@ class Settings(BaseSettings):
     max_sessions: int = Field(1_000_000, ge=1, description="creating more sessions answers 429")
     replay_window_s: float = Field(
         60.0, gt=0, description="how long a step's outputs are kept for a retry with the same `step` (seconds)"
+    )
+    max_constant_bytes: int = Field(
+        1024 * 1024, ge=0, description="bytes of one session's constants, all together (413 above)"
     )
     replay_max_bytes: int = Field(
         256 * 1024, ge=0, description="larger outputs keep no replay copy (a retry then gets 409 with the step)"
@@ -104,6 +112,12 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, ge=1, description="rows (sessions) per batch")
     max_batch_tokens: int = Field(8192, ge=1, description="sum of T (timesteps) over a batch")
     max_wait_us: int = Field(2000, ge=0, description="how long to wait for more work, only while the device is busy")
+    inline_max_cells: int = Field(
+        16,
+        ge=0,
+        description="a model call of at most this many rows × timesteps, with nothing else queued, runs on the "
+        "event loop instead of the device thread (0 = never)",
+    )
     max_queue: int = Field(4096, ge=1, description="queued requests per model before 503 overloaded")
     max_chunk: int = Field(256, ge=1, description="long requests run in chunks of this many steps")
     max_steps_per_request: int = Field(16_384, ge=1, description="T limit of one request (422 above)")
@@ -139,9 +153,9 @@ class Settings(BaseSettings):
         return out
 
     def model_flags(self, name: str) -> FlagDeclaration:
-        """The ``--state``/``--mask``/``--form`` flags that apply to model ``name``: the ones
-        prefixed ``name=`` if it has any for that flag, else the unprefixed ones."""
-        return model_flags(name, list(self.model_paths()), self.state, self.mask, self.form)
+        """The ``--state``/``--mask``/``--form``/``--constant`` flags that apply to model ``name``:
+        the ones prefixed ``name=`` if it has any for that flag, else the unprefixed ones."""
+        return model_flags(name, list(self.model_paths()), self.state, self.mask, self.form, self.constant)
 
 
 def _scoped(specs: list[str], name: str, models: list[str], flag: str) -> list[str]:
@@ -159,7 +173,9 @@ def _scoped(specs: list[str], name: str, models: list[str], flag: str) -> list[s
     return own or shared
 
 
-def model_flags(name: str, models: list[str], state: list[str], mask: list[str], form: list[str]) -> FlagDeclaration:
+def model_flags(
+    name: str, models: list[str], state: list[str], mask: list[str], form: list[str], constant: Sequence[str] = ()
+) -> FlagDeclaration:
     """See :meth:`Settings.model_flags`; also what ``carryover verify`` uses for its one model."""
     masks, forms = _scoped(mask, name, models, "--mask"), _scoped(form, name, models, "--form")
     if len(masks) > 1 or len(forms) > 1:
@@ -167,7 +183,10 @@ def model_flags(name: str, models: list[str], state: list[str], mask: list[str],
     if forms and forms[0] not in ("sequence", "step"):
         raise ModelContractError(f"--form {forms[0]!r} for model {name!r} must be sequence or step")
     chosen: Form | None = "step" if forms == ["step"] else "sequence" if forms else None
-    return FlagDeclaration(tuple(_scoped(state, name, models, "--state")), masks[0] if masks else None, chosen)
+    constants = tuple(_scoped(list(constant), name, models, "--constant"))
+    return FlagDeclaration(
+        tuple(_scoped(state, name, models, "--state")), masks[0] if masks else None, chosen, constants
+    )
 
 
 def env_name(field: str) -> str:

@@ -57,6 +57,12 @@ class Metrics:
         self.sessions = Gauge("carryover_sessions", "sessions in the store", registry=r)
         self.ws_connections = Gauge("carryover_websocket_connections", "open WebSocket connections", registry=r)
 
+    def model_call(self, model: str, seconds: float, steps: list[int], padding: float) -> None:
+        """One model call: its time, its rows (``steps``: each row's timesteps) and padding."""
+        self.batch_seconds.labels(model).observe(seconds)
+        self.batch_rows.labels(model).observe(len(steps))
+        self.batch_padding.labels(model).observe(padding)
+
     def prepare(self, models: Iterable[str]) -> None:
         """Create each model's labelled series, so a scrape shows them (at zero) before the first
         batch; idempotent and cheap."""

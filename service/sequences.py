@@ -51,6 +51,9 @@ async def run_fresh(sessions: SessionService, model: str, inputs: Mapping[str, A
     ``[T, ...]`` outputs. In a worker thread beside the batcher (there is no session for it to
     load or write); bounded by ``max_steps_per_request`` like every step."""
     served = sessions.model(model)
+    if served.contract.constants:  # nothing stored, so nowhere to give them: a sequence needs /v1
+        names = [c.name for c in served.contract.constants]
+        raise InvalidInput(f"model {model!r} needs per-session constants {names}: create its session over /v1")
     arrays = validate_inputs(served.contract, inputs, sessions.settings.max_steps_per_request)
     mask = np.ones((1, next(iter(arrays.values())).shape[0]), dtype=bool)
     batch = {name: a[None] for name, a in arrays.items()}

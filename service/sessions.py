@@ -13,15 +13,15 @@ Generations go through the scheduler too, one token per batch (``service.engine.
 from __future__ import annotations
 
 import asyncio
-import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from service.config import Settings
 from service.engine.cas import rewrite
+from service.engine.constants import constant_shapes, constants_to_bytes, validate_constants
 from service.engine.contract import ModelContract
 from service.engine.generation import (
     MAX_STOP_CHARS,
@@ -48,6 +48,7 @@ from service.errors import (
     Unavailable,
 )
 from service.metrics import Metrics
+from service.session_rules import MAX_TTL_S, SESSION_ID, SESSION_ID_RULE, checked_step, checked_ttl, is_session_id
 from service.state_file import read_state_file, write_state_file
 from service.store.store import SessionRecord, SessionStore
 
@@ -72,40 +73,9 @@ __all__ = [
     "parse_step",
 ]
 
-# One rule for every session id, chosen at create or named in a path: URL-safe without escaping.
-SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,127}$")
-SESSION_ID_RULE = "1-128 characters of A-Z a-z 0-9 . _ ~ - starting with a letter or digit"
-MAX_TTL_S = 366 * 86_400
 STEP_FIELDS = frozenset({"inputs", "step"})
 _T = TypeVar("_T")
 ROUTING_STRIPES = 256
-
-
-# -- the request rules (each exactly once) ---------------------------------------------------------
-def is_session_id(value: object) -> bool:
-    """Whether ``value`` follows the session id rule; a path id that does not is simply absent."""
-    return isinstance(value, str) and SESSION_ID.match(value) is not None
-
-
-def checked_step(value: object) -> int | None:
-    """The ``step`` of a request: ``None`` (arrival order) or a non-negative int (``bool`` is not;
-    ``3.0`` is 3)."""
-    value = integral(value)
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    raise InvalidInput(f"'step' must be a non-negative integer, not {value!r:.40}")
-
-
-def checked_ttl(value: object, default: int) -> int:
-    """Seconds without access before a session expires: an int in [1, ``MAX_TTL_S``]."""
-    value = integral(value)
-    if value is None:
-        return default
-    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_TTL_S:
-        return value
-    raise InvalidInput(f"ttl_s must be an integer number of seconds between 1 and {MAX_TTL_S}")
 
 
 @dataclass(frozen=True)
@@ -151,6 +121,7 @@ class SessionInfo:
     expires_in: float
     created_at: float
     updated_at: float
+    constants: dict[str, list[int]] = field(default_factory=dict)  # name -> shape, for models with constants
 
 
 class SessionService:
@@ -200,6 +171,7 @@ class SessionService:
         fork_from: str | None = None,
         owner: str = "",
         derived: bool = False,  # a transport's own id: ``~`` + the rule (``service.sequences``)
+        constants: object = None,  # the model's per-session constants, e.g. {"memory": [[...], ...]}
     ) -> SessionInfo:
         ttl = checked_ttl(ttl_s, self.settings.session_ttl_s)
         if session_id is not None and not is_session_id(session_id[1:] if derived else session_id):
@@ -213,11 +185,14 @@ class SessionService:
             served = self.model(served_name)
             if source.fingerprint != served.fingerprint:
                 raise ModelMismatch(f"session {fork_from!r} holds state of another version of {source.model!r}")
-            step, states = source.step, source.states
+            if constants is not None:
+                raise InvalidInput("a fork keeps its source's constants; 'constants' cannot be given with 'fork_from'")
+            step, states, kept = source.step, source.states, (source.constants, source.constant_shapes)
         else:
             served_name = model or self.default_model
             served = self.model(served_name)
-            step, states = 0, initial_state_bytes(served.contract)
+            arrays = validate_constants(served.contract, constants, self.settings.max_constant_bytes)
+            step, states, kept = 0, initial_state_bytes(served.contract), constants_to_bytes(served.contract, arrays)
         public_id = session_id or new_session_id()
         record = SessionRecord(
             session_id=self._key(public_id, owner),
@@ -230,6 +205,8 @@ class SessionService:
             created_at=now,
             updated_at=now,
             ttl_s=ttl,
+            constants=kept[0],
+            constant_shapes=kept[1],
         )
         # The store counts the session and enforces both session limits in Redis (every replica's).
         limits = {"max_sessions": self.settings.max_sessions, "max_per_owner": self.settings.max_sessions_per_key}
@@ -384,6 +361,7 @@ class SessionService:
             float(record.expires_in if record.expires_in is not None else record.ttl_s),
             record.created_at,
             record.updated_at,
+            constant_shapes(served.contract if (served := self.models.get(record.model)) else None, record),
         )
 
 

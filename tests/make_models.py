@@ -15,6 +15,7 @@ does.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +37,27 @@ def _paths(root: Path, name: str) -> Exported:
     return Exported(name, root / f"{name}.onnx", root / f"{name}{STEP_SUFFIX}.onnx")
 
 
+# Example models of ``model_export/examples`` committed beside the specs, for the server tests of
+# what the specs lack (per-session constants): name -> the module whose ``export_forms`` writes both.
+EXAMPLES = {"attention_decoder": "model_export.examples.attention_decoder"}
+
+
 def committed_models(root: Path = MODELS_DIR) -> dict[str, Exported]:
-    """The committed test models keyed by spec name (no torch needed)."""
-    names = sorted(p.stem for p in root.glob("*.onnx") if not p.stem.endswith(STEP_SUFFIX))
+    """The committed test models keyed by spec name (no torch needed; the examples are apart)."""
+    names = sorted(p.stem for p in root.glob("*.onnx") if not p.stem.endswith(STEP_SUFFIX) and p.stem not in EXAMPLES)
     return {name: _paths(root, name) for name in names}
+
+
+def committed_example(name: str, root: Path = MODELS_DIR) -> Exported:
+    """A committed example model (one of ``EXAMPLES``), both forms."""
+    return _paths(root, name)
+
+
+def export_example(name: str, root: Path) -> Exported:
+    """Export one of ``EXAMPLES`` into ``root`` (needs torch)."""
+    paths = _paths(root, name)
+    importlib.import_module(EXAMPLES[name]).export_forms(paths.sequence, paths.step)
+    return paths
 
 
 def export_models(root: Path) -> dict[str, Exported]:
@@ -60,7 +78,7 @@ def main() -> int:
     """Rewrite ``tests/data/models/`` from ``tests/models.py`` (stale files of removed specs go too)."""
     for stale in MODELS_DIR.glob("*.onnx"):
         stale.unlink()
-    for e in export_models(MODELS_DIR).values():
+    for e in [*export_models(MODELS_DIR).values(), *(export_example(name, MODELS_DIR) for name in EXAMPLES)]:
         print(f"wrote {e.sequence} and {e.step}")
     return 0
 

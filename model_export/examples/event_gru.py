@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from model_export.cells import CellSpec, DataSpec, StateSpec, gru_step
 from model_export.export import export_both, export_cell
-from service.engine.contract import METADATA_KEY, Form
+from service.engine.metadata import METADATA_KEY, Form
 
 INITIAL = "h0_init"
 

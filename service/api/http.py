@@ -4,7 +4,9 @@ Step bodies are decoded with orjson and parsed by ``service.sessions.parse_step`
 serialised with orjson straight from numpy (no pydantic on the hot path). The OpenAPI models
 are in ``schemas.py`` and ``openapi.py``; every failure is an RFC 9457
 ``application/problem+json`` built by ``problems.py``; request ids, the body limit, metrics and
-the access log live in ``middleware.py``.
+the access log live in ``middleware.py``. The step route is served by ``fast_route.py`` (same
+auth, same ``step_reply``, same problem handlers) without FastAPI's router; the route here
+stays for OpenAPI and for what that path does not take.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 from service.api.auth import AUTHENTICATED
+from service.api.fast_route import FastRoute
 from service.api.middleware import RequestContextMiddleware
 from service.api.openapi import install_openapi
 from service.api.problems import install_problem_handlers
@@ -148,6 +151,7 @@ async def create_session(
         ttl_s=spec.ttl_s,
         fork_from=spec.fork_from,
         owner=owner_of(request),
+        constants=spec.constants,
     )
     return _json(_created(info), 201, {"Location": f"/v1/sessions/{quote(info.session_id, safe='')}"})
 
@@ -162,7 +166,10 @@ async def create_session(
 )
 async def get_session(request: Request, session_id: SessionIdPath) -> Response:
     info = await _sessions(request).get(session_id, owner=owner_of(request))
-    return _json(dataclasses.asdict(info))
+    data = dataclasses.asdict(info)
+    if not data["constants"]:  # only a model with constants reports them
+        del data["constants"]
+    return _json(data)
 
 
 @router.post(
@@ -177,6 +184,11 @@ async def get_session(request: Request, session_id: SessionIdPath) -> Response:
 async def step_session(request: Request, session_id: SessionIdPath) -> Response:
     """Apply ``inputs`` (leading T axis) to the session's state, exactly once when ``step`` is
     given. The reply holds the outputs of these timesteps and the session's new step count."""
+    return await step_reply(request, session_id)
+
+
+async def step_reply(request: Request, session_id: str) -> Response:
+    """The step route's work once authenticated; ``service.api.fast_route`` serves it too."""
     call = parse_step(await _json_body(request))
     reply = await _sessions(request).apply(session_id, call, owner=owner_of(request))
     headers = {"Idempotent-Replay": "true"} if reply.replay else None
@@ -321,5 +333,8 @@ def install_http(app: FastAPI, state: AppState) -> None:
     app.include_router(router, dependencies=AUTHENTICATED)
     app.include_router(operations)
     install_problem_handlers(app)
+    # Added first, so it runs inside the request middleware (ids, body limit, log, metrics).
+    step = next(r for r in router.routes if getattr(r, "endpoint", None) is step_session)
+    app.add_middleware(FastRoute, route=step, handler=step_reply)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=state.settings.max_body_bytes, metrics=state.metrics)
     install_openapi(app)

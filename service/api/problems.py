@@ -202,6 +202,15 @@ async def _on_validation_error(request: Request, exc: Exception) -> Response:
     return problem_response(problem(422, "invalid_input", "Invalid input", detail, request_id=rid, errors=items))
 
 
+async def error_response(request: Request, exc: Exception) -> Response:
+    """What the installed handlers answer for ``exc`` (a ``CarryoverError`` or an
+    ``HTTPException``), for code that runs outside FastAPI's exception middleware; anything
+    else is re-raised."""
+    if isinstance(exc, CarryoverError):
+        return await _on_carryover_error(request, exc)
+    return await _on_http_error(request, exc)
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     """Every HTTP failure as problem+json: the catalogue's errors, Starlette's HTTP errors
     (404 no route, 405, 413, ...) and FastAPI's request validation errors."""

@@ -36,6 +36,15 @@ class StateInfo(BaseModel):
     batch_axis: int
 
 
+class ConstantInfo(BaseModel):
+    name: str = Field(description="the graph input that takes this per-session constant")
+    dtype: str
+    shape: list[int | str] = Field(description="one session's value (batch axis removed); 'L' is its length")
+    batch_axis: int
+    length_axis: int | None = Field(description="graph axis padded per batch (null: fixed shape)")
+    mask: str | None = Field(description="the [B, L] graph input marking a batch's real positions")
+
+
 class ModelInfo(BaseModel):
     name: str
     fingerprint: str = Field(description="sha256 of the model bytes, lowercase hex")
@@ -46,6 +55,9 @@ class ModelInfo(BaseModel):
     inputs: list[TensorInfo]
     outputs: list[TensorInfo]
     states: list[StateInfo]
+    constants: list[ConstantInfo] | None = Field(
+        None, description="per-session constants, given when a session is created (e.g. encoder outputs)"
+    )
     vocab: str | list[str] | None = Field(None, description="token LMs: the tokens (index = id)")
     unk_id: int | None = Field(None, description="token LMs: the id that text outside the vocab maps to")
 
@@ -71,6 +83,11 @@ class CreateSessionRequest(BaseModel):
         description="seconds without access before the session expires; default: the server's session_ttl_s",
     )
     fork_from: str | None = Field(None, description="start from a copy of this session's state and step")
+    constants: dict[str, list[Any]] | None = Field(
+        None,
+        description="models with per-session constants (see the model's 'constants'): one session's value of "
+        "each, batch axis removed, e.g. an attention decoder's encoder outputs {'memory': [[...], ...]} as [L, D]",
+    )
 
 
 class SessionCreated(BaseModel):
@@ -98,6 +115,9 @@ class SessionCreated(BaseModel):
 class SessionMetadata(SessionCreated):
     created_at: float = Field(description="Unix time (seconds)")
     updated_at: float = Field(description="Unix time (seconds) of the last change of state")
+    constants: dict[str, list[int]] | None = Field(
+        None, description="models with per-session constants: each constant's shape in this session"
+    )
 
 
 class StepRequest(BaseModel):

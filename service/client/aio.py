@@ -115,9 +115,11 @@ class AsyncClient:
         session_id: str | None = None,
         ttl_s: int | None = None,
         fork_from: str | None = None,
+        constants: Mapping[str, Any] | None = None,
     ) -> AsyncSession:
-        """A new session (of the server's default model unless ``model``; a copy of ``fork_from``)."""
-        return AsyncSession(self, await self.call(core.create_call(model, session_id, ttl_s, fork_from)))
+        """A new session (of the server's default model unless ``model``; a copy of ``fork_from``);
+        ``constants``: a model's per-session constants, e.g. ``{"memory": array [L, D]}``."""
+        return AsyncSession(self, await self.call(core.create_call(model, session_id, ttl_s, fork_from, constants)))
 
     async def session(self, session_id: str) -> AsyncSession:
         """Attach to an existing session (learns its current step)."""

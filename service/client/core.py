@@ -246,10 +246,14 @@ def models_call() -> Call[list[dict[str, Any]]]:
 
 
 def create_call(
-    model: str | None, session_id: str | None, ttl_s: int | None, fork_from: str | None
+    model: str | None,
+    session_id: str | None,
+    ttl_s: int | None,
+    fork_from: str | None,
+    constants: Mapping[str, Any] | None = None,
 ) -> Call[dict[str, Any]]:
-    body = {"model": model, "session_id": session_id, "ttl_s": ttl_s, "fork_from": fork_from}
-    content = orjson.dumps({k: v for k, v in body.items() if v is not None})
+    body = {"model": model, "session_id": session_id, "ttl_s": ttl_s, "fork_from": fork_from, "constants": constants}
+    content = orjson.dumps({k: v for k, v in body.items() if v is not None}, option=orjson.OPT_SERIALIZE_NUMPY)
     return Call(Request("POST", "/v1/sessions", content, JSON), parse_json)
 
 

@@ -118,9 +118,11 @@ class Client:
         session_id: str | None = None,
         ttl_s: int | None = None,
         fork_from: str | None = None,
+        constants: Mapping[str, Any] | None = None,
     ) -> Session:
-        """A new session (of the server's default model unless ``model``; a copy of ``fork_from``)."""
-        return Session(self, self.call(core.create_call(model, session_id, ttl_s, fork_from)))
+        """A new session (of the server's default model unless ``model``; a copy of ``fork_from``);
+        ``constants``: a model's per-session constants, e.g. ``{"memory": array [L, D]}``."""
+        return Session(self, self.call(core.create_call(model, session_id, ttl_s, fork_from, constants)))
 
     def session(self, session_id: str) -> Session:
         """Attach to an existing session (learns its current step)."""

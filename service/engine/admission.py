@@ -7,13 +7,14 @@ Pure functions: the scheduler does the I/O and acts on the verdict.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 import numpy as np
 
 from service.engine.batch import StepReply, StepRequest
 from service.engine.contract import ModelContract
-from service.engine.tensors import pack_arrays, unpack_arrays
+from service.engine.tensors import pack_arrays, states_to_bytes, unpack_arrays
 from service.errors import CarryoverError, ModelMismatch, SessionCorrupt, SessionNotFound, StepConflict
 from service.store.store import SessionRecord
 
@@ -65,3 +66,26 @@ def replay_copy(r: StepRequest, outputs: dict[str, np.ndarray], max_bytes: int) 
     if r.expected_step is None or sum(v.nbytes for v in outputs.values()) > max_bytes:
         return b""
     return pack_arrays(outputs)
+
+
+def written_record(
+    r: StepRequest,
+    base: SessionRecord,
+    contract: ModelContract,
+    outputs: dict[str, np.ndarray],
+    now: float,
+    replay_max_bytes: int,
+) -> SessionRecord:
+    """The record ``r``'s write puts in place of ``base`` (the record it was read at): the step
+    advanced, the next revision, the new state, and what is kept beside it."""
+    return replace(
+        base,
+        step=base.step + r.total_steps,
+        revision=base.revision + 1,
+        states=states_to_bytes(contract, r.states),
+        updated_at=now,
+        last_digest=r.digest if r.expected_step is not None else "",
+        last_reply=replay_copy(r, outputs, replay_max_bytes),
+        last_prediction=last_prediction(contract, outputs),
+        expires_in=None,
+    )

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.engine.constants import pad_constants
 from service.engine.contract import ModelContract
 from service.engine.generation import Generation
 from service.engine.model import BatchResult
@@ -47,6 +48,7 @@ class StepRequest:
     next_chunk: int = 0
     base: SessionRecord | None = None  # the record as loaded before chunk 0
     states: dict[str, np.ndarray] = field(default_factory=dict)  # after the chunks applied so far
+    constants: dict[str, np.ndarray] = field(default_factory=dict)  # the session's, as loaded with base
     outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
     attempts: int = 0
     queued_at: float = field(default_factory=time.perf_counter)  # for the queue-wait histogram
@@ -77,6 +79,7 @@ class PaddedBatch:
     inputs: dict[str, np.ndarray]  # [B, T, ...]
     mask: np.ndarray  # [B, T] bool
     states: dict[str, np.ndarray]  # [B, ...]
+    constants: dict[str, np.ndarray] = field(default_factory=dict)  # graph feeds, see ``pad_constants``
 
 
 @dataclass(frozen=True)
@@ -99,14 +102,20 @@ def split_chunks(inputs: Mapping[str, np.ndarray], max_chunk: int) -> list[Chunk
 
 
 def join_chunks(outputs: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """The per-chunk outputs of one request joined back along T."""
+    """The per-chunk outputs of one request joined back along T (one chunk: as they are)."""
+    if len(outputs) == 1:
+        return dict(outputs[0])
     return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
 
 
 def pad_batch(
-    contract: ModelContract, chunks: Sequence[Mapping[str, np.ndarray]], states: Sequence[Mapping[str, np.ndarray]]
+    contract: ModelContract,
+    chunks: Sequence[Mapping[str, np.ndarray]],
+    states: Sequence[Mapping[str, np.ndarray]],
+    constants: Sequence[Mapping[str, np.ndarray]] = (),
 ) -> PaddedBatch:
-    """Right-pad the rows' chunks (zeros, mask False) to the longest; stack the rows' states."""
+    """Right-pad the rows' chunks (zeros, mask False) to the longest; stack the rows' states;
+    pad the rows' constants (if the model has any) along their length axes."""
     width = max(chunk_steps(c) for c in chunks)
     mask = np.zeros((len(chunks), width), bool)
     inputs = {t.name: np.zeros((len(chunks), width, *t.shape), t.dtype) for t in contract.inputs}
@@ -116,7 +125,13 @@ def pad_batch(
         for name, value in chunk.items():
             inputs[name][i, :n] = value
     stacked = {s.input: np.stack([row[s.input] for row in states]) for s in contract.states}
-    return PaddedBatch(inputs, mask, stacked)
+    return PaddedBatch(inputs, mask, stacked, pad_constants(contract, constants) if contract.constants else {})
+
+
+def pad_rows(contract: ModelContract, rows: Sequence[StepRequest]) -> PaddedBatch:
+    """``pad_batch`` of the requests' current chunks, states and constants."""
+    chunks = [r.chunks[r.next_chunk] for r in rows]
+    return pad_batch(contract, chunks, [r.states for r in rows], [r.constants for r in rows])
 
 
 def unpad_rows(result: BatchResult, steps: Sequence[int]) -> list[RowResult]:

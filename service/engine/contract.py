@@ -1,7 +1,7 @@
 """The recurrent-model contract (docs/contract.md): what a served model takes and returns.
 
-Plain data, the parsing of what a model declares (``carryover`` metadata or ``--state`` pairs),
-and ``build_contract``, which checks a declaration against a graph's signature. No ONNX Runtime
+Plain data and ``build_contract``, which checks a declaration (parsed by ``metadata.py`` from
+the ``carryover`` metadata or the ``--state`` flags) against a graph's signature. No ONNX Runtime
 import: the signature is anything with ``get_inputs()``/``get_outputs()`` (an ORT session in
 ``model.py``), and every layer above (store, scheduler, sessions, transports) speaks only these
 types.
@@ -9,19 +9,17 @@ types.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
+from service.engine.metadata import DeclaredConstant, DeclaredContract, Form, Kind
 from service.errors import ModelContractError
 
-METADATA_KEY = "carryover"
-Form = Literal["sequence", "step"]
-Kind = Literal["features", "token_lm"]
 Dim = int | str | None
+LENGTH = -2  # a constant's per-session length dim (its length axis), in ``ConstantTensor.shape``
 UNKNOWN = -1  # an output dim the graph leaves symbolic (e.g. after a Loop); resolved at warm-up
 
 _ORT_DTYPES: dict[str, Any] = {
@@ -77,6 +75,35 @@ class StateTensor:
 
 
 @dataclass(frozen=True)
+class ConstantTensor:
+    """A per-session constant input (e.g. the encoder outputs an attention decoder attends over).
+    ``shape`` is one session's slice (batch axis removed) with ``LENGTH`` at its length axis;
+    ``length_axis`` and ``batch_axis`` are graph axes. ``mask`` is the ``[B, L]`` input that
+    marks the real positions of a batch padded along the length axis."""
+
+    name: str
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    batch_axis: int = 0
+    length_axis: int | None = None
+    mask: str | None = None
+    mask_dtype: np.dtype[Any] = field(default_factory=lambda: np.dtype(np.bool_))
+
+    @property
+    def session_length_axis(self) -> int | None:
+        """The length axis within one session's slice (the batch axis removed)."""
+        if self.length_axis is None:
+            return None
+        return self.length_axis - (self.length_axis > self.batch_axis)
+
+    def describe(self) -> dict[str, object]:
+        shape: list[int | str] = ["L" if d == LENGTH else d for d in self.shape]
+        out: dict[str, object] = {"name": self.name, "dtype": self.dtype.name, "shape": shape}
+        out |= {"batch_axis": self.batch_axis, "length_axis": self.length_axis, "mask": self.mask}
+        return out
+
+
+@dataclass(frozen=True)
 class ModelContract:
     form: Form
     kind: Kind
@@ -88,6 +115,7 @@ class ModelContract:
     vocab: tuple[str, ...] | None = None
     unk_id: int | None = None
     unmeasured: bool = False  # some output dim is symbolic in the graph: the warm-up must measure it
+    constants: tuple[ConstantTensor, ...] = ()
 
     def input(self, name: str) -> DataTensor:
         return next(t for t in self.inputs if t.name == name)
@@ -101,85 +129,6 @@ class ModelContract:
             else np.repeat(s.initial_value[None], batch, axis=0)
             for s in self.states
         }
-
-
-@dataclass(frozen=True)
-class DeclaredContract:
-    """What the ``carryover`` metadata (or the operator's ``--state`` pairs) declares."""
-
-    form: Form | None
-    kind: Kind
-    inputs: list[str] | None
-    outputs: list[str] | None
-    mask: str | None
-    states: list[tuple[str, str, int]]
-    vocab: tuple[str, ...] | None = None
-    unk_id: int | None = None
-    initials: dict[str, str] = field(default_factory=dict)  # state input -> initializer name
-
-
-def parse_state_pair(text: str) -> tuple[str, str, int]:
-    """``IN:OUT`` or ``IN:OUT:BATCH_AXIS`` (e.g. ``h0:hn:1`` for PyTorch's ``[layers, B, H]``)."""
-    parts = text.split(":")
-    if len(parts) not in (2, 3) or not all(parts[:2]):
-        raise ModelContractError(f"state pair {text!r} must be IN:OUT or IN:OUT:BATCH_AXIS")
-    try:
-        axis = int(parts[2]) if len(parts) == 3 else 0
-    except ValueError:
-        raise ModelContractError(f"state pair {text!r}: batch axis {parts[2]!r} is not an integer") from None
-    return parts[0], parts[1], axis
-
-
-def parse_metadata(raw: str) -> DeclaredContract:
-    """Parse and type-check the ``carryover`` metadata JSON; errors name the field."""
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ModelContractError(f"metadata {METADATA_KEY!r} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict):
-        raise ModelContractError(f"metadata {METADATA_KEY!r} must be a JSON object")
-    if meta.get("version", 1) != 1:
-        raise ModelContractError(f"metadata version {meta.get('version')!r} is not supported (expected 1)")
-    form = meta.get("form", "sequence")
-    if form not in ("sequence", "step"):
-        raise ModelContractError(f"metadata 'form' must be 'sequence' or 'step', not {form!r}")
-    kind = meta.get("kind", "features")
-    if kind not in ("features", "token_lm"):
-        raise ModelContractError(f"metadata 'kind' must be 'features' or 'token_lm', not {kind!r}")
-    for key in ("inputs", "outputs"):
-        value = meta.get(key)
-        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-            raise ModelContractError(f"metadata {key!r} must be a non-empty list of tensor names")
-    states = meta.get("state")
-    if not isinstance(states, list) or not states:
-        raise ModelContractError("metadata 'state' must be a non-empty list of {input, output, batch_axis}")
-    pairs: list[tuple[str, str, int]] = []
-    initials: dict[str, str] = {}
-    for i, s in enumerate(states):
-        if not isinstance(s, dict) or not isinstance(s.get("input"), str) or not isinstance(s.get("output"), str):
-            raise ModelContractError(f"metadata state[{i}] must have string 'input' and 'output'")
-        axis = s.get("batch_axis", 0)
-        if not isinstance(axis, int) or isinstance(axis, bool):
-            raise ModelContractError(f"metadata state[{i}] ({s['input']}): 'batch_axis' must be an integer")
-        pairs.append((s["input"], s["output"], axis))
-        if "initial" in s:
-            if not isinstance(s["initial"], str):
-                raise ModelContractError(f"metadata state[{i}] ({s['input']}): 'initial' must name a graph initializer")
-            initials[s["input"]] = s["initial"]
-    mask = meta.get("mask")
-    if mask is not None and not isinstance(mask, str):
-        raise ModelContractError("metadata 'mask' must be a tensor name")
-    vocab: tuple[str, ...] | None = None
-    unk_id = meta.get("unk_id")
-    if kind == "token_lm":
-        raw_vocab = meta.get("vocab")
-        if isinstance(raw_vocab, str) or (isinstance(raw_vocab, list) and all(isinstance(v, str) for v in raw_vocab)):
-            vocab = tuple(raw_vocab)
-        else:
-            raise ModelContractError("token_lm metadata needs 'vocab': a string or a list of token strings")
-        if not isinstance(unk_id, int) or not 0 <= unk_id < len(vocab):
-            raise ModelContractError(f"token_lm metadata 'unk_id' must be an id in [0, {len(vocab)}), not {unk_id!r}")
-    return DeclaredContract(form, kind, meta["inputs"], meta["outputs"], mask, pairs, vocab, unk_id, initials)
 
 
 class TensorArg(Protocol):
@@ -211,13 +160,16 @@ def _dtype(ort_type: str, what: str) -> np.dtype[Any]:
     return dtype
 
 
-def _static_tail(name: str, shape: list[Dim], dynamic_axes: tuple[int, ...], what: str) -> tuple[int, ...]:
-    """Check that ``dynamic_axes`` are dynamic and every other dim is fixed; return the fixed ones."""
+def _static_tail(
+    name: str, shape: list[Dim], dynamic_axes: tuple[int, ...], what: str, second: str = "T"
+) -> tuple[int, ...]:
+    """Check that ``dynamic_axes`` (B, then ``second``) are dynamic and every other dim is fixed;
+    return the fixed ones."""
     for axis in dynamic_axes:
         if axis >= len(shape):
             raise ModelContractError(f"{what} {name!r} has rank {len(shape)}; expected an axis {axis}")
         if isinstance(shape[axis], int):
-            axis_name = "B" if axis == dynamic_axes[0] else "T"
+            axis_name = "B" if axis == dynamic_axes[0] else second
             raise ModelContractError(
                 f"{what} {name!r} axis {axis} ({axis_name}) is fixed to {shape[axis]}; it must be dynamic"
             )
@@ -229,41 +181,6 @@ def _static_tail(name: str, shape: list[Dim], dynamic_axes: tuple[int, ...], wha
             raise ModelContractError(f"{what} {name!r} axis {axis} is dynamic ({d!r}); only B and T may be")
         fixed.append(d)
     return tuple(fixed)
-
-
-@dataclass(frozen=True)
-class FlagDeclaration:
-    """What the operator names on the command line for a model without metadata
-    (``--state IN:OUT[:AXIS]``, ``--mask NAME``, ``--form sequence|step``)."""
-
-    state: tuple[str, ...] = ()
-    mask: str | None = None
-    form: Form | None = None
-
-
-def declared_from_pairs(
-    pairs: Sequence[str],
-    graph_inputs: list[str],
-    graph_outputs: list[str],
-    *,
-    mask: str | None = None,
-    form: Form | None = None,
-) -> DeclaredContract:
-    """Operator-declared pairs (``--state h0:hn``) for a model without metadata. The mask is
-    ``mask`` when given, else the input named ``mask`` unless the form is ``step``; the form is
-    ``form`` when given, else sequence with a mask and step without; everything else is data."""
-    states = [parse_state_pair(p) for p in pairs]
-    if mask is None and form != "step" and "mask" in graph_inputs:
-        mask = "mask"
-    state_names = {s[0] for s in states} | {s[1] for s in states}
-    return DeclaredContract(
-        form=form or ("sequence" if mask else "step"),
-        kind="features",
-        inputs=[n for n in graph_inputs if n not in state_names and n != mask],
-        outputs=[n for n in graph_outputs if n not in state_names],
-        mask=mask,
-        states=states,
-    )
 
 
 def _output_tail(name: str, shape: list[Dim], lead: tuple[int, ...], what: str) -> tuple[int, ...]:
@@ -317,6 +234,31 @@ def _initial_value(
     value = value.copy()
     value.flags.writeable = False
     return value
+
+
+def _constant(c: DeclaredConstant, g_in: Mapping[str, TensorArg]) -> ConstantTensor:
+    """Check one declared constant (and its mask) against the graph's inputs."""
+    if c.input not in g_in:
+        raise ModelContractError(f"constant {c.input!r} is not a graph input (graph inputs: {sorted(g_in)})")
+    shape = list(g_in[c.input].shape)
+    for what, axis in (("batch_axis", c.batch_axis), ("length_axis", c.length_axis)):
+        if axis is not None and not 0 <= axis < len(shape):
+            raise ModelContractError(f"constant {c.input!r}: {what} {axis} is outside its rank {len(shape)}")
+    if c.length_axis == c.batch_axis:
+        raise ModelContractError(f"constant {c.input!r}: length_axis and batch_axis must differ")
+    dynamic = (c.batch_axis,) if c.length_axis is None else (c.batch_axis, c.length_axis)
+    fixed = iter(_static_tail(c.input, shape, dynamic, "constant", "L"))  # B (and L) dynamic, the rest fixed
+    tail = tuple(LENGTH if axis == c.length_axis else next(fixed) for axis in range(len(shape)) if axis != c.batch_axis)
+    dtype = _dtype(g_in[c.input].type, f"constant {c.input!r}")
+    if c.mask is None:
+        return ConstantTensor(c.input, dtype, tail, c.batch_axis)
+    if c.mask not in g_in:
+        raise ModelContractError(f"constant {c.input!r}: its mask {c.mask!r} is not a graph input")
+    m = g_in[c.mask]
+    if len(m.shape) != 2 or m.type not in ("tensor(bool)", "tensor(float)"):
+        raise ModelContractError(f"constant mask {c.mask!r} must be [B, L] bool or float32, not {m.type} {m.shape}")
+    _static_tail(c.mask, list(m.shape), (0, 1), "constant mask", "L")
+    return ConstantTensor(c.input, dtype, tail, c.batch_axis, c.length_axis, c.mask, _dtype(m.type, "mask"))
 
 
 def build_contract(
@@ -382,7 +324,12 @@ def build_contract(
         if len(m.shape) != 2 or m.type not in ("tensor(bool)", "tensor(float)"):
             raise ModelContractError(f"mask {declared.mask!r} must be [B, T] bool or float32, not {m.type} {m.shape}")
         mask_dtype = _dtype(m.type, "mask")
-    covered = {t.name for t in inputs} | {s.input for s in states} | {declared.mask}
+    constants = tuple(_constant(c, g_in) for c in declared.constants)
+    claimed = [t.name for t in inputs] + [s.input for s in states] + [declared.mask]
+    for c in constants:
+        if c.name in claimed or c.mask in claimed:
+            raise ModelContractError(f"constant {c.name!r} (or its mask) is also declared as data, mask or state")
+    covered = {*claimed, *(c.name for c in constants), *(c.mask for c in constants)}
     if extra := sorted(set(g_in) - covered):
         raise ModelContractError(f"graph input {extra[0]!r} is not declared as data, mask or state")
     if declared.kind == "token_lm" and (len(inputs) != 1 or inputs[0].dtype.kind not in "iu" or inputs[0].shape):
@@ -401,4 +348,5 @@ def build_contract(
         declared.vocab,
         declared.unk_id,
         unmeasured=symbolic,
+        constants=constants,
     )

@@ -17,7 +17,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.engine.contract import METADATA_KEY, Form, GraphSignature, TensorArg
+from service.engine.contract import GraphSignature, TensorArg
+from service.engine.metadata import METADATA_KEY, DeclaredConstant, FlagDeclaration, Form
 
 _STEM_NOISE = re.compile(r"(^|_)(in|out|prev|next|new|old|init|initial|last|final|t)(?=_|$)|_?(\d+|n)$")
 
@@ -32,10 +33,18 @@ class Inspection:
     mask: str | None = None
     form: Form | None = None
     notes: list[str] = field(default_factory=list)
+    constants: list[DeclaredConstant] = field(default_factory=list)
+
+    def _constant_names(self) -> set[str]:
+        return {c.input for c in self.constants} | {c.mask for c in self.constants if c.mask}
 
     def metadata(self) -> dict[str, object]:
         """The ``carryover`` metadata this inspection amounts to (form ``step`` if unknown)."""
-        states = {n for p in self.pairs for n in p[:2]}
+        states = {n for p in self.pairs for n in p[:2]} | self._constant_names()
+        constants = [
+            {"input": c.input, "batch_axis": c.batch_axis, "length_axis": c.length_axis, "mask": c.mask}
+            for c in self.constants
+        ]
         return {
             "version": 1,
             "form": self.form or "step",
@@ -44,7 +53,13 @@ class Inspection:
             "outputs": [t.name for t in self.outputs if t.name not in states],
             **({"mask": self.mask} if self.mask else {}),
             "state": [{"input": i, "output": o, "batch_axis": a} for i, o, a in self.pairs],
+            **({"constants": constants} if constants else {}),
         }
+
+    def declaration(self) -> FlagDeclaration:
+        """The flags this inspection amounts to, as the loader takes them."""
+        constants = tuple(f"{c.input}:{c.batch_axis}:{c.length_axis}:{c.mask}" for c in self.constants)
+        return FlagDeclaration(tuple(f"{i}:{o}:{a}" for i, o, a in self.pairs), self.mask, self.form, constants)
 
     def flags(self, model: str | None = None) -> list[str]:
         """The ``--state``/``--mask``/``--form`` flags (``MODEL=``-prefixed when ``model`` is given)
@@ -57,6 +72,7 @@ class Inspection:
             out.append(f"--mask {prefix}{self.mask}")
         if self.form is not None and self.form != ("sequence" if self.mask else "step"):
             out.append(f"--form {prefix}{self.form}")
+        out += [f"--constant {prefix}{c.input}:{c.batch_axis}:{c.length_axis}:{c.mask}" for c in self.constants]
         return out
 
 
@@ -88,12 +104,36 @@ def _score(i: TensorArg, o: TensorArg) -> float:
     return difflib.SequenceMatcher(None, i.name.lower(), o.name.lower()).ratio()
 
 
-def _find_mask(inputs: list[TensorArg]) -> str | None:
-    masks = [
+def _masks(inputs: list[TensorArg]) -> list[TensorArg]:
+    """Inputs that may be a mask: ``[B, T]`` (or a constant's ``[B, L]``) bool or float."""
+    return [
         t
         for t in inputs
         if len(t.shape) == 2 and len(_symbolic(t)) == 2 and t.type in ("tensor(bool)", "tensor(float)")
     ]
+
+
+def _find_constants(inputs: list[TensorArg]) -> list[DeclaredConstant]:
+    """Per-session constants: an input named like the prefix of a ``[B, L]`` mask (``memory`` and
+    ``memory_mask``) whose shape holds the mask's symbolic ``L`` on an axis of its own."""
+    found = []
+    for m in _masks(inputs):
+        length = m.shape[1]
+        for t in inputs:
+            owner = t.name.lower()
+            if t is m or not m.name.lower().startswith(owner) or length not in list(t.shape)[1:]:
+                continue
+            axes = _symbolic(t)
+            if len(axes) == 2:
+                length_axis = list(t.shape).index(length, 1)
+                batch_axis = next(a for a in axes if a != length_axis)
+                found.append(DeclaredConstant(t.name, batch_axis, length_axis, m.name))
+                break
+    return found
+
+
+def _find_mask(inputs: list[TensorArg]) -> str | None:
+    masks = _masks(inputs)
     named = [t for t in masks if "mask" in t.name.lower()]
     if named:
         return named[0].name
@@ -104,7 +144,11 @@ def _find_mask(inputs: list[TensorArg]) -> str | None:
 def inspect_signature(graph: GraphSignature) -> Inspection:
     """Guess the contract of a graph without metadata; see the module doc."""
     inputs, outputs = list(graph.get_inputs()), list(graph.get_outputs())
-    found = Inspection(inputs, outputs, mask=_find_mask(inputs))
+    constants = _find_constants(inputs)
+    taken = {c.input for c in constants} | {c.mask for c in constants}
+    found = Inspection(
+        inputs, outputs, mask=_find_mask([t for t in inputs if t.name not in taken]), constants=constants
+    )
     # A state input has exactly one symbolic dim (its batch); sequence-form data has two (B, T).
     candidates = [t for t in inputs if t.name != found.mask and len(_symbolic(t)) == 1]
     scored = sorted(
@@ -117,7 +161,7 @@ def inspect_signature(graph: GraphSignature) -> Inspection:
             continue
         used |= {i.name, o.name}
         found.pairs.append((i.name, o.name, _symbolic(i)[0]))
-    data = [t for t in inputs if t.name not in used and t.name != found.mask]
+    data = [t for t in inputs if t.name not in used | taken and t.name != found.mask]
     if found.mask:
         found.form = "sequence"
     elif data and all(len(_symbolic(t)) == 1 and _symbolic(t)[0] == 0 for t in data):
@@ -152,6 +196,9 @@ def render(found: Inspection, path: Path, name: str, metadata: str | None) -> st
         lines.append(f"    state  {i} {shapes[i]} -> {o} {shapes[o]}  (batch axis {a})")
     lines.append(f"    mask   {found.mask or '(none)'}")
     lines.append(f"    form   {found.form or '(cannot tell)'}")
+    for c in found.constants:
+        axes = f"batch axis {c.batch_axis}, length axis {c.length_axis}, mask {c.mask}"
+        lines.append(f"    constant  {c.input} {shapes[c.input]}  ({axes})")
     lines += [f"  note: {n}" for n in found.notes]
     if found.pairs:
         flags = " ".join(found.flags(name))

@@ -22,14 +22,9 @@ import onnxruntime as ort
 from onnx import TensorProto, numpy_helper
 
 from service.engine.carry import STEP_MASK, with_step_carry
-from service.engine.contract import (
-    METADATA_KEY,
-    FlagDeclaration,
-    build_contract,
-    declared_from_pairs,
-    parse_metadata,
-    resolve_outputs,
-)
+from service.engine.constants import pad_constants, placeholder_constants
+from service.engine.contract import build_contract, resolve_outputs
+from service.engine.metadata import METADATA_KEY, FlagDeclaration, declared_from_pairs, parse_metadata
 from service.engine.providers import resolve_providers
 from service.errors import ModelContractError
 
@@ -126,6 +121,7 @@ class RecurrentModel:
                 [o.name for o in probe.get_outputs()],
                 mask=flags.mask,
                 form=flags.form,
+                constants=flags.constants,
             )
         else:
             raise ModelContractError(
@@ -164,6 +160,8 @@ class RecurrentModel:
             "outputs": [t.describe() for t in c.outputs],
             "states": [s.describe() for s in c.states],
         }
+        if c.constants:
+            entry["constants"] = [k.describe() for k in c.constants]
         if c.kind == "token_lm":
             vocab = c.vocab or ()
             entry["vocab"] = "".join(vocab) if all(len(v) == 1 for v in vocab) else list(vocab)
@@ -179,8 +177,11 @@ class RecurrentModel:
         fill in the dims the graph left symbolic. Errors name the tensor."""
         for batch, steps in ((1, 1), (2, 3)):
             inputs = {t.name: np.zeros((batch, steps, *t.shape), t.dtype) for t in self.contract.inputs}
+            # Constants of lengths 1 and 2 (when B=2): one row padded, as in a served batch.
+            rows = [placeholder_constants(self.contract, n + 1) for n in range(batch)]
             try:
-                result = self.run(inputs, np.ones((batch, steps), bool), self.contract.initial_states(batch))
+                states = self.contract.initial_states(batch)
+                result = self.run(inputs, np.ones((batch, steps), bool), states, pad_constants(self.contract, rows))
             except Exception as e:  # e.g. a graph whose time loop was frozen at export
                 raise ModelContractError(
                     f"model {self.name!r} failed its warm-up run at B={batch}, T={steps}: {e}"
@@ -204,9 +205,20 @@ class RecurrentModel:
             except ModelContractError as e:
                 raise ModelContractError(f"{where} {e}") from None
 
-    def run(self, inputs: dict[str, np.ndarray], mask: np.ndarray, states: dict[str, np.ndarray]) -> BatchResult:
-        """Run one padded batch. Rows where ``mask`` is False keep their state and output zeros."""
+    def run(
+        self,
+        inputs: dict[str, np.ndarray],
+        mask: np.ndarray,
+        states: dict[str, np.ndarray],
+        constants: dict[str, np.ndarray] | None = None,
+    ) -> BatchResult:
+        """Run one padded batch. Rows where ``mask`` is False keep their state and output zeros.
+        ``constants``: the per-session constants and their masks as graph feeds (``pad_constants``),
+        the same for every timestep."""
         c = self.contract
+        constants = constants or {}
+        if missing := sorted({k.name for k in c.constants} - set(constants)):
+            raise ValueError(f"the model's constants {missing} were not given")
         feeds_states = {
             s.input: np.ascontiguousarray(np.moveaxis(states[s.input].astype(s.dtype, copy=False), 0, s.batch_axis))
             for s in c.states
@@ -217,13 +229,14 @@ class RecurrentModel:
             feeds: dict[str, np.ndarray] = {
                 **feeds_inputs,
                 **feeds_states,
+                **constants,
                 c.mask: np.ascontiguousarray(mask, dtype=c.mask_dtype),
             }
             values = self._run_bound(feeds, {})
             outputs = {t.name: values[t.name].numpy() for t in c.outputs}
             new_states = {s.input: values[s.output].numpy() for s in c.states}
         else:
-            outputs, new_states = self._run_steps(feeds_inputs, np.asarray(mask, dtype=bool), feeds_states)
+            outputs, new_states = self._run_steps(feeds_inputs, np.asarray(mask, dtype=bool), feeds_states, constants)
         return BatchResult(outputs, {s.input: np.moveaxis(new_states[s.input], s.batch_axis, 0) for s in c.states})
 
     def _run_bound(
@@ -242,18 +255,24 @@ class RecurrentModel:
         return dict(zip(names, binding.get_outputs(), strict=True))
 
     def _run_steps(
-        self, inputs: dict[str, np.ndarray], mask: np.ndarray, states: dict[str, np.ndarray]
+        self,
+        inputs: dict[str, np.ndarray],
+        mask: np.ndarray,
+        states: dict[str, np.ndarray],
+        constants: dict[str, np.ndarray],
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         c = self.contract
         batch, steps = mask.shape
         outputs: dict[str, np.ndarray] = {}
+        # Constants are copied to the device once and bound to every timestep from there.
+        device_constants = {k: ort.OrtValue.ortvalue_from_numpy(v, self.device) for k, v in constants.items()}
         device_states: dict[str, ort.OrtValue] = {}
         host_states: dict[str, np.ndarray] = dict(states)
         for t in range(steps):
             feeds = {name: np.ascontiguousarray(x[:, t]) for name, x in inputs.items()}
             feeds[STEP_MASK] = np.ascontiguousarray(mask[:, t])
             feeds.update(host_states)
-            values = self._run_bound(feeds, device_states)
+            values = self._run_bound(feeds, {**device_constants, **device_states})
             for o in c.outputs:
                 value = values[o.name].numpy()
                 if o.name not in outputs:  # allocated from the first step: the graph may leave dims symbolic

@@ -11,6 +11,7 @@ pads the chosen rows into one batch, ``RecurrentModel`` runs it, ``SessionStore`
   memory; only the last chunk writes, so a request is applied whole or not at all.
 * Pipelining: while batch k runs in the device thread, batch k+1 is gathered and its states
   loaded (one round trip); batch k's write (one round trip, CAS per session) overlaps k+1's run.
+  A tiny batch (``inline_max_cells``) with nothing else queued runs on the event loop instead.
 * Generations (continuous batching, ``generation.py``): a generation's row re-enters the queue
   at its back after every iteration with its next token as input, its state in memory and its
   base the record it just wrote; its session's other requests wait until it ends. Every batch
@@ -26,18 +27,17 @@ import itertools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 
 import numpy as np
 
 from service.config import Settings
-from service.engine.admission import admission, last_prediction, replay_copy, replayed
-from service.engine.batch import StepReply, StepRequest, join_chunks, pad_batch, split_chunks, unpad_rows
+from service.engine.admission import admission, replayed, written_record
+from service.engine.batch import StepReply, StepRequest, join_chunks, pad_rows, split_chunks, unpad_rows
 from service.engine.buckets import padding_ratio, plan_buckets
 from service.engine.cas import MAX_ATTEMPTS
 from service.engine.generation import Generation, advance, first_inputs
 from service.engine.model import BatchResult, RecurrentModel
-from service.engine.tensors import states_from_bytes, states_to_bytes
+from service.engine.tensors import session_tensors
 from service.errors import (
     CarryoverError,
     Overloaded,
@@ -245,8 +245,8 @@ class Scheduler:
             else:
                 assert isinstance(rec, SessionRecord)
                 try:
-                    r.states = states_from_bytes(self.model.contract, rec.states)
-                except ValueError as e:  # a truncated or missing state tensor
+                    r.states, r.constants = session_tensors(self.model.contract, rec)
+                except ValueError as e:  # a truncated or missing state (or constant) tensor
                     self._fail(r, SessionCorrupt(f"session {r.session_id!r}: {e}"))
                     continue
                 r.base = rec
@@ -283,24 +283,28 @@ class Scheduler:
         async with self._device:
             for group in groups:
                 members = [rows[i] for i in group]
+                steps = [r.chunk_steps for r in members]
                 started = time.perf_counter()
-                result = await loop.run_in_executor(self._executor, self._run_group, members)
+                if len(self._queue) <= len(rows) and len(members) * max(steps) <= self.settings.inline_max_cells:
+                    # Nothing else waits and the call is tiny: the hop to the device thread and
+                    # back (two context switches) would cost more than the loop is blocked.
+                    result = self._run_group(members)
+                else:
+                    result = await loop.run_in_executor(self._executor, self._run_group, members)
                 self.model_calls += 1
-                self.call_shapes.append((len(members), max(r.chunk_steps for r in members)))
+                self.call_shapes.append((len(members), max(steps)))
                 if self.metrics:
-                    name = self.name
-                    self.metrics.batch_seconds.labels(name).observe(time.perf_counter() - started)
-                    self.metrics.batch_rows.labels(name).observe(len(members))
-                    self.metrics.batch_padding.labels(name).observe(padding_ratio([r.chunk_steps for r in members]))
+                    self.metrics.model_call(self.name, time.perf_counter() - started, steps, padding_ratio(steps))
                 for r, row in zip(members, unpad_rows(result, [r.chunk_steps for r in members]), strict=True):
                     r.outputs.append(row.outputs)
                     r.states = row.states
                     r.next_chunk += 1
 
     def _run_group(self, rows: list[StepRequest]) -> BatchResult:
-        """Pad the rows' current chunks to one ``[B, T]`` batch and run it (device thread)."""
-        batch = pad_batch(self.model.contract, [r.chunks[r.next_chunk] for r in rows], [r.states for r in rows])
-        return self.model.run(batch.inputs, batch.mask, batch.states)
+        """Pad the rows' current chunks to one ``[B, T]`` batch and run it (device thread, or
+        inline for a tiny batch when nothing else waits: ``inline_max_cells``)."""
+        batch = pad_rows(self.model.contract, rows)
+        return self.model.run(batch.inputs, batch.mask, batch.states, batch.constants)
 
     async def _write(self, finals: list[StepRequest]) -> list[StepRequest]:
         """One pipelined round trip; each session's write is a CAS on the revision it was read at.
@@ -311,17 +315,7 @@ class Scheduler:
         for r in finals:
             assert r.base is not None
             outputs = join_chunks(r.outputs)
-            record = replace(
-                r.base,
-                step=r.base.step + r.total_steps,
-                revision=r.base.revision + 1,
-                states=states_to_bytes(self.model.contract, r.states),
-                updated_at=now,
-                last_digest=r.digest if r.expected_step is not None else "",
-                last_reply=replay_copy(r, outputs, self.settings.replay_max_bytes),
-                last_prediction=last_prediction(self.model.contract, outputs),
-                expires_in=None,
-            )
+            record = written_record(r, r.base, self.model.contract, outputs, now, self.settings.replay_max_bytes)
             writes.append((record, r.base.revision))
             replies.append(StepReply(r.session_id, record.step, outputs))
         try:

@@ -15,7 +15,9 @@ from typing import Literal
 import numpy as np
 import orjson
 
+from service.engine.constants import constants_from_bytes
 from service.engine.contract import ModelContract
+from service.store.record import SessionRecord
 
 _LE: Literal["<"] = "<"
 
@@ -41,6 +43,14 @@ def states_from_bytes(contract: ModelContract, blobs: tuple[bytes, ...]) -> dict
             raise ValueError(f"state {s.input!r} is {len(blob)} bytes, expected {s.nbytes}")
         out[s.input] = np.frombuffer(blob, dtype=s.dtype.newbyteorder(_LE)).astype(s.dtype).reshape(s.shape)
     return out
+
+
+def session_tensors(
+    contract: ModelContract, record: SessionRecord
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A loaded record's states and constants; ``ValueError`` when they do not fit the model."""
+    constants = constants_from_bytes(contract, record.constants, record.constant_shapes)
+    return states_from_bytes(contract, record.states), constants
 
 
 def pack_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:

@@ -4,7 +4,9 @@ Layout: key ``carryover:{<session_id>}:s`` (the hash tag keeps a session's keys 
 slot), one hash whose fields are ``revision`` and ``ttl_s`` (read by the scripts), ``meta`` (one
 JSON object with the other scalar fields), the state tensors as raw bytes in fields ``s0``,
 ``s1``, … in declared order, and ``w``, a random token naming the write that produced it (see
-``scripts.SAVE``); for token LMs ``p``, the last prediction (what generation continues from).
+``scripts.SAVE``); for token LMs ``p``, the last prediction (what generation continues from);
+for a model with per-session constants ``k0``, ``k1``, … and ``kshape`` (written at create, kept
+by every save).
 The last request's outputs, for an idempotent replay, live apart under
 ``carryover:{<session_id>}:r`` (a string with a short TTL, the retry window), so a session's
 memory is its state, not its last reply.
@@ -58,6 +60,11 @@ class SessionRecord:
     # A token LM's prediction after the last consumed token (its first output's last timestep,
     # packed): what a generation with an empty prompt continues from. Hash field ``p``, small.
     last_prediction: bytes = b""
+    # Per-session constants (e.g. an attention decoder's encoder outputs): raw little-endian
+    # tensors in declared order and their shapes. Hash fields ``k0``, ``k1``, … and ``kshape``,
+    # written once at create; ``SAVE`` keeps every ``k`` field, so steps never rewrite them.
+    constants: tuple[bytes, ...] = ()
+    constant_shapes: tuple[tuple[int, ...], ...] = ()
     expires_in: float | None = None  # filled on reads from PTTL, seconds
 
 
@@ -75,7 +82,7 @@ Loaded = SessionRecord | SessionCorrupt | None
 # field, because redis-py packs every command argument in Python and a batch write has
 # max_batch_size commands: fewer arguments per record is measurably faster (bench/engine.py).
 _META = ("session_id", "model", "fingerprint", "step", "owner", "created_at", "updated_at", "last_digest")
-_APART = ("revision", "ttl_s", "states", "last_reply", "last_prediction", "expires_in")
+_APART = ("revision", "ttl_s", "states", "last_reply", "last_prediction", "constants", "constant_shapes", "expires_in")
 assert {*_META, *_APART} == {f.name for f in fields(SessionRecord)}, "every SessionRecord field must be stored"
 
 
@@ -86,7 +93,8 @@ def check(record: SessionRecord) -> None:
 
 
 def encode(record: SessionRecord) -> list[bytes | str]:
-    """Flat field/value list for HSET (without the write token ``w``, which the script adds)."""
+    """Flat field/value list for HSET (without the write token ``w``, which the script adds, and
+    without the constants, which only ``encode_constants`` writes, once, at create)."""
     meta = orjson.dumps({name: getattr(record, name) for name in _META})
     flat: list[bytes | str] = [
         "revision",
@@ -103,6 +111,16 @@ def encode(record: SessionRecord) -> list[bytes | str]:
     return flat
 
 
+def encode_constants(record: SessionRecord) -> list[bytes | str]:
+    """The constants' hash fields (``k0``, … and ``kshape``; empty without constants)."""
+    if not record.constants:
+        return []
+    flat: list[bytes | str] = ["kshape", orjson.dumps([list(s) for s in record.constant_shapes])]
+    for i, value in enumerate(record.constants):
+        flat += (f"k{i}", bytes(value))
+    return flat
+
+
 def decode(key: str, reply: object) -> SessionRecord | SessionCorrupt | None:
     """A ``scripts.LOAD`` reply: None (no key), the record, or ``SessionCorrupt`` (returned, not raised)."""
     if reply is None:
@@ -115,6 +133,8 @@ def decode(key: str, reply: object) -> SessionRecord | SessionCorrupt | None:
     try:
         h = dict(zip(flat[::2], flat[1::2], strict=True))
         n = sum(1 for k in h if k[:1] == b"s" and k[1:].isdigit())
+        n_constants = sum(1 for k in h if k[:1] == b"k" and k[1:].isdigit())
+        shapes = orjson.loads(h[b"kshape"]) if n_constants else []
         meta = orjson.loads(h[b"meta"])
         return SessionRecord(
             session_id=str(meta["session_id"]),
@@ -130,6 +150,8 @@ def decode(key: str, reply: object) -> SessionRecord | SessionCorrupt | None:
             last_digest=str(meta["last_digest"]),
             last_reply=replay if isinstance(replay, bytes) else b"",
             last_prediction=bytes(h.get(b"p", b"")),
+            constants=tuple(h[b"k%d" % i] for i in range(n_constants)),
+            constant_shapes=tuple(tuple(int(d) for d in shape) for shape in shapes),
             expires_in=int(pttl_ms) / 1000 if int(pttl_ms) >= 0 else None,
         )
     except (KeyError, ValueError, TypeError, orjson.JSONDecodeError) as e:

@@ -35,9 +35,11 @@ return 1
 # and steps the session back to 5, and the stale write would succeed over a different history.
 # KEYS: the session's hash, its replay key (same hash tag, so the same cluster slot).
 # ARGV: expected revision, ttl_ms, write token, new revision, replay_ms, replay bytes, field, value, ...
-# Returns 1 applied, 0 conflict, -1 missing. The whole hash is replaced (DEL + HSET), so no field
-# of an older record (e.g. a state tensor the new one lacks) survives. The replay copy is set (for
-# replay_ms) or deleted in the same atomic step, so it always belongs to the hash's last write.
+# Returns 1 applied, 0 conflict, -1 missing. The whole hash is replaced (every field deleted, then
+# HSET), so no field of an older record (e.g. a state tensor the new one lacks) survives, except
+# the per-session constants (fields starting with ``k``, byte 107): written once at create, never
+# sent again. The replay copy is set (for replay_ms) or deleted in the same atomic step, so it
+# always belongs to the hash's last write.
 SAVE = """
 local t = redis.call('TYPE', KEYS[1]).ok
 if t == 'none' then return -1 end
@@ -49,7 +51,11 @@ if cur[1] ~= ARGV[1] then
   if cur[1] == ARGV[4] and cur[2] == ARGV[3] then return 1 end
   return 0
 end
-redis.call('DEL', KEYS[1])
+local drop = {}
+for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.byte(f, 1) ~= 107 then drop[#drop + 1] = f end
+end
+if #drop > 0 then redis.call('HDEL', KEYS[1], unpack(drop)) end
 redis.call('HSET', KEYS[1], 'w', ARGV[3], unpack(ARGV, 7))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 if ARGV[6] == '' then

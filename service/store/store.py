@@ -45,6 +45,7 @@ from service.store.record import (
     check,
     decode,
     encode,
+    encode_constants,
     replay_key,
     session_key,
 )
@@ -137,7 +138,7 @@ class SessionStore:
             raise TooManySessions(f"the server holds its limit of {max_sessions} sessions")
         if reserved == counting.OWNER_FULL:
             raise TooManySessions(f"this API key holds its limit of {max_per_owner} sessions")
-        args = [record.ttl_s * 1000, secrets.token_hex(8), *encode(record)]
+        args = [record.ttl_s * 1000, secrets.token_hex(8), *encode(record), *encode_constants(record)]
         [created] = await self._run([(SCRIPTS["create"], (session_key(record.session_id),), args)])
         return bool(created)
 

@@ -9,10 +9,10 @@ import numpy as np
 import onnx
 import pytest
 
-from model_export.verify import random_inputs
+from model_export.verify import random_constants, random_inputs, unpadded_run
 from service.engine.model import RecurrentModel
 from tests.conftest import Exported
-from tests.make_models import committed_models
+from tests.make_models import EXAMPLES, committed_example, committed_models, export_example
 from tests.models import SPECS
 
 REGENERATE = "stale: run `python -m tests.make_models` and commit tests/data/models/"
@@ -53,3 +53,26 @@ def test_committed_file_matches_a_fresh_export(exported: dict[str, Exported], na
         np.testing.assert_allclose(b.outputs[k], a.outputs[k], atol=1e-6, err_msg=REGENERATE)
     for k in a.states:
         np.testing.assert_allclose(b.states[k], a.states[k], atol=1e-6, err_msg=REGENERATE)
+
+
+@pytest.fixture(scope="module")
+def fresh_examples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
+    root = tmp_path_factory.mktemp("examples")
+    return {name: export_example(name, root) for name in EXAMPLES}
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+@pytest.mark.parametrize("form", ["sequence", "step"])
+def test_committed_example_matches_a_fresh_export(fresh_examples: dict[str, Exported], name: str, form: str) -> None:
+    """The committed examples (per-session constants) too: same contract, same numbers."""
+    fresh_path, committed_path = getattr(fresh_examples[name], form), getattr(committed_example(name), form)
+    assert _signature(onnx.load(str(committed_path))) == _signature(onnx.load(str(fresh_path))), REGENERATE
+    fresh, committed = RecurrentModel(fresh_path), RecurrentModel(committed_path)
+    rng = np.random.default_rng(6)
+    data = [random_inputs(fresh.contract, 5, rng) for _ in range(3)]
+    constants = [random_constants(fresh.contract, rng) for _ in data]
+    for inputs, k in zip(data, constants, strict=True):
+        a, b = unpadded_run(fresh, inputs, k), unpadded_run(committed, inputs, k)
+        for got, want in zip(b, a, strict=True):
+            for key in want:
+                np.testing.assert_allclose(got[key], want[key], atol=1e-6, err_msg=REGENERATE)

@@ -1,6 +1,6 @@
 """The ``model_export/examples`` models through a running service against the torch modules:
-two data inputs per step (HTTP, WebSocket JSON, the client) and a learned initial state (new
-sessions and reset start from it)."""
+two data inputs per step (HTTP, WebSocket JSON, the client), a learned initial state (new
+sessions and reset start from it) and per-session constants (the attention decoder)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import orjson
 import pytest
 import torch
 
-from model_export.examples import event_gru
+from model_export.examples import attention_decoder, event_gru
 from service.client.sync import Client
 from service.engine.model import RecurrentModel
 from tests.live_server import LiveServer, live_server
+from tests.make_models import committed_example
 from tests.redis_fixture import RedisServer
 from tests.service.api.test_http import npz
 from tests.service.api.test_ws import open_stream, recv_json
@@ -90,3 +91,27 @@ async def test_two_inputs_over_websocket_json(events_server: LiveServer) -> None
         logits.append(np.asarray(message["outputs"]["logits"], np.float32))
     await ws.close()
     np.testing.assert_allclose(np.concatenate(logits), ref_logits, atol=1e-5, rtol=0)
+
+
+def test_attention_decoder_through_the_service_equals_torch(redis_server: RedisServer) -> None:
+    """The committed attention decoder, served, against the PyTorch module itself: sessions with
+    memories of 3, 7 and 12 positions, their steps in different chunks, each equal to the
+    module's own run of its whole sequence over its unpadded memory."""
+    e = committed_example("attention_decoder")
+    models = {"attn": RecurrentModel(e.sequence, name="attn"), "attn_step": RecurrentModel(e.step, name="attn_step")}
+    rng = np.random.default_rng(11)
+    with live_server(redis_server.url, models) as server, Client(server.url) as client:
+        for model in models:
+            sessions = []
+            for n in (3, 7, 12):
+                memory = rng.standard_normal((n, attention_decoder.MEMORY_DIM)).astype(np.float32)
+                tokens = rng.integers(0, len(attention_decoder.VOCAB), 9)
+                sessions.append((client.create(model, constants={"memory": memory}), memory, tokens))
+            outputs: list[list[np.ndarray]] = [[] for _ in sessions]
+            for lo, hi in ((0, 2), (2, 3), (3, 9)):  # one request per session per round
+                for i, (session, _, tokens) in enumerate(sessions):
+                    outputs[i].append(session.step({"tokens": tokens[lo:hi]})["logits"])
+            for (session, memory, tokens), out in zip(sessions, outputs, strict=True):
+                ref_logits, ref_h = attention_decoder.reference(torch.from_numpy(tokens), torch.from_numpy(memory))
+                np.testing.assert_allclose(np.concatenate(out), ref_logits.numpy(), atol=1e-5, rtol=0)
+                np.testing.assert_allclose(session.state()["h"], ref_h.numpy(), atol=1e-5, rtol=0)

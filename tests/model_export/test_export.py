@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from model_export.cells import RecurrentNet
 from model_export.export import export_cell
 from model_export.verify import Batch, Row, compare, random_inputs, run_schedule, unpadded_run
-from service.engine.contract import METADATA_KEY
+from service.engine.metadata import METADATA_KEY
 from service.engine.model import RecurrentModel
 from tests.conftest import Exported
 

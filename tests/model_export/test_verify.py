@@ -13,12 +13,14 @@ import torch
 from torch import Tensor, nn
 
 from model_export.cells import gru_step
+from model_export.examples import attention_decoder
 from model_export.export import export_cell
 from model_export.verify import verify_model
 from service.cli import main
-from service.engine.contract import METADATA_KEY
+from service.engine.metadata import METADATA_KEY
 from service.engine.model import RecurrentModel
 from tests.conftest import Exported
+from tests.make_models import committed_example
 
 
 class TracedLoopGRU(nn.Module):
@@ -163,3 +165,27 @@ def test_verify_cli_reports_a_broken_contract(tmp_path: Path, capsys: pytest.Cap
     onnx.save(model, str(path))
     assert main(["verify", str(path)]) == 1
     assert "no 'carryover' metadata" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("form", ["sequence", "step"])
+def test_verify_gives_each_sequence_its_own_constants(form: str) -> None:
+    """A model with per-session constants: every sequence gets a memory of its own length, padded
+    per batch; chunked, padded runs and the PyTorch module agree with the unpadded runs."""
+    model = RecurrentModel(getattr(committed_example("attention_decoder"), form))
+    report = verify_model(model, sequences=5, max_len=12, rounds=2, torch_module=attention_decoder.build())
+    assert report.ok, report.failures
+    assert report.worst_torch_error is not None and report.worst_torch_error < 1e-5
+
+
+def test_inspect_and_annotate_a_model_with_constants_but_no_metadata(tmp_path: Path) -> None:
+    """The flags ``carryover inspect`` prints for a bare attention decoder are what
+    ``model_export.annotate`` writes into it: the same contract as the exported metadata."""
+    from model_export.annotate import annotate
+
+    bare = onnx.load(str(committed_example("attention_decoder").sequence))
+    del bare.metadata_props[:]
+    onnx.save(bare, str(tmp_path / "bare.onnx"))
+    assert main(["inspect", str(tmp_path / "bare.onnx")]) == 0
+    annotated = RecurrentModel(annotate(tmp_path / "bare.onnx", tmp_path / "annotated.onnx"))
+    (c,) = annotated.contract.constants
+    assert (c.name, c.batch_axis, c.length_axis, c.mask) == ("memory", 0, 1, "memory_mask")

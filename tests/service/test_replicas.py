@@ -10,6 +10,7 @@ import io
 import json
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -190,6 +191,11 @@ def test_sigterm_under_two_workers_answers_every_accepted_chunk(fleet: Fleet, gr
 def test_one_access_line_per_request(fleet: Fleet) -> None:
     request_id = f"once-{uuid.uuid4().hex}"
     assert httpx.get(fleet.b.url + "/healthz", headers={"X-Request-ID": request_id}).status_code == 200
+    # the access line is written after the response is sent: wait for it rather than race it
+    deadline = time.monotonic() + 5
+    while request_id not in fleet.b.output() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)  # and a moment more, so a second (duplicate) line would show up too
     lines = [line for line in fleet.b.output().splitlines() if request_id in line]
     assert len(lines) == 1 and "service.access" in lines[0] and "route=/healthz" in lines[0], lines
     assert "uvicorn.access" not in fleet.b.output()

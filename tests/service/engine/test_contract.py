@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from service.engine.contract import Dim, build_contract, declared_from_pairs, parse_metadata
+from service.engine.contract import Dim, build_contract
+from service.engine.metadata import declared_from_pairs, parse_metadata
 from service.errors import ModelContractError
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.engine.contract import build_contract, parse_metadata
+from service.engine.contract import build_contract
+from service.engine.metadata import parse_metadata
 from service.errors import ModelContractError
 from tests.service.engine.test_contract import LSTM_LIKE
 

@@ -68,6 +68,27 @@ def _concat_model(path: Path, out_shape: list[str | int | None]) -> Path:
     return path
 
 
+@pytest.mark.parametrize("form", ["sequence", "step"])
+def test_a_constant_is_found_by_its_mask(form: str) -> None:
+    """``memory [B, L, D]`` beside ``memory_mask [B, L]``: a per-session constant, not data or the mask."""
+    data = (
+        [Arg("x", FLOAT, ["B", "T", 4]), Arg("mask", BOOL, ["B", "T"])]
+        if form == "sequence"
+        else [Arg("x", FLOAT, ["B", 4])]
+    )
+    graph = Signature(
+        [*data, Arg("h", FLOAT, ["B", 8]), Arg("memory", FLOAT, ["B", "L", 6]), Arg("memory_mask", BOOL, ["B", "L"])],
+        [Arg("y", FLOAT, ["B", "T", 3] if form == "sequence" else ["B", 3]), Arg("h_next", FLOAT, ["B", 8])],
+    )
+    found = inspect_signature(graph)
+    assert (found.form, found.mask, found.pairs) == (form, "mask" if form == "sequence" else None, [("h", "h_next", 0)])
+    assert found.flags()[-1] == "--constant memory:0:1:memory_mask"
+    assert found.metadata()["inputs"] == ["x"]
+    assert found.metadata()["constants"] == [
+        {"input": "memory", "batch_axis": 0, "length_axis": 1, "mask": "memory_mask"}
+    ]
+
+
 def test_warm_up_names_a_state_output_whose_real_shape_disagrees(tmp_path: Path) -> None:
     path = _concat_model(tmp_path / "wide.onnx", ["B", "K"])
     with pytest.raises(ModelContractError, match=r"state output 'hn' has shape \[1, 6\]; its input 'h0' has \[1, 3\]"):

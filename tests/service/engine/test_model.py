@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from service.engine.contract import parse_state_pair
+from service.engine.metadata import parse_state_pair
 from service.engine.model import RecurrentModel, fingerprint
 from service.errors import ModelContractError
 from tests.conftest import Exported

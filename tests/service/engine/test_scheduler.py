@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -246,3 +247,28 @@ async def test_redis_killed_mid_run_then_restarted(tmp_path: Path, loaded: dict[
             )
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("inline_max_cells", [0, 4])
+async def test_tiny_calls_with_nothing_queued_run_on_the_event_loop(
+    redis_url: str, loaded: dict[str, RecurrentModel], monkeypatch: pytest.MonkeyPatch, inline_max_cells: int
+) -> None:
+    """``inline_max_cells``: a call of at most that many rows × timesteps skips the device
+    thread when nothing else is queued; bigger calls, and every call at 0, use it. Same results."""
+    on_device: list[bool] = []
+    original = Scheduler._run_group
+
+    def spy(self: Scheduler, rows: list[StepRequest]):  # type: ignore[no-untyped-def]
+        on_device.append(threading.current_thread().name.startswith("device-"))
+        return original(self, rows)
+
+    monkeypatch.setattr(Scheduler, "_run_group", spy)
+    model = loaded["gru_stacked"]
+    rng = np.random.default_rng(5)
+    chunks = [random_inputs(model.contract, n, rng) for n in (1, 4, 5, 2)]
+    async with running_engine(redis_url, {"m": model}, inline_max_cells=inline_max_cells) as engine:
+        sid = (await engine.create()).session_id
+        replies = [await engine.step(sid, c) for c in chunks]
+        state = await exported_state(engine, sid)
+    assert on_device == ([False, False, True, False] if inline_max_cells else [True] * 4)
+    assert_matches_offline(model, concat(chunks), concat([r.outputs for r in replies]), {"h0": state["h0"]})

@@ -248,6 +248,25 @@ async def test_save_replaces_the_whole_record(store: SessionStore, raw: redis.Re
     assert got is not None and got.states == (b"x",)
 
 
+async def test_constants_are_written_at_create_and_kept_by_every_save(store: SessionStore, raw: redis.Redis) -> None:
+    """Per-session constants (hash fields k0, ..., kshape) are sent once; a save never resends them."""
+    rec = replace(record("consts"), constants=(b"m" * 24, b"v" * 8), constant_shapes=((3, 2), (2,)))
+    await store.create(rec)
+    assert await store.save([(replace(rec, revision=2, constants=(), constant_shapes=()), 1)]) == [WriteOutcome.OK]
+    assert raw.hget(session_key("consts"), "k0") == b"m" * 24
+    [got] = await store.load(["consts"])
+    assert isinstance(got, SessionRecord) and got.revision == 2
+    assert (got.constants, got.constant_shapes) == (rec.constants, rec.constant_shapes)
+    [plain] = await store.load([(await _created(store, "plain")).session_id])
+    assert isinstance(plain, SessionRecord) and (plain.constants, plain.constant_shapes) == ((), ())
+
+
+async def _created(store: SessionStore, sid: str) -> SessionRecord:
+    rec = record(sid)
+    await store.create(rec)
+    return rec
+
+
 async def test_a_resent_write_is_recognised_by_its_token(store: SessionStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """redis-py re-sends a pipeline whose reply was lost; the write must not then read as lost."""
     rec = record("resend")
