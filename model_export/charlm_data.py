@@ -9,6 +9,7 @@ no torch: tests use it to measure the exported model through the runtime.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import sysconfig
 from collections import Counter
 from dataclasses import dataclass
@@ -44,6 +45,14 @@ def split_stdlib(root: Path | None = None) -> Corpus:
     for f in files:
         (held if is_held_out(f.relative_to(root).as_posix()) else train).append(f)
     return Corpus(train, held)
+
+
+def package_files(name: str) -> list[Path]:
+    """The ``*.py`` files of an installed package (third-party code the model never trained on)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"{name!r} is not an installed package")
+    return sorted(f for root in spec.submodule_search_locations for f in Path(root).rglob("*.py"))
 
 
 def read_text(files: list[Path], limit_chars: int | None = None) -> str:

@@ -6,9 +6,19 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from model_export.charlm_data import UNK_CHAR, build_vocab, encode, is_held_out, read_text, split_stdlib
-from model_export.charlm_eval import bits_per_char
+from model_export.charlm_data import (
+    UNK_CHAR,
+    build_vocab,
+    encode,
+    is_held_out,
+    package_files,
+    read_text,
+    split_stdlib,
+    stdlib_root,
+)
+from model_export.charlm_eval import bits_per_char, held_out_ids
 from model_export.train_charlm import main as train_main
 from service.config import BUNDLED_MODEL
 from service.engine.model import RecurrentModel, fingerprint
@@ -55,6 +65,16 @@ def test_split_is_by_file_and_stable() -> None:
     assert all("site-packages" not in f.parts for f in corpus.train + corpus.held_out)
     assert 0.02 < len(corpus.held_out) / (len(corpus.train) + len(corpus.held_out)) < 0.10
     assert is_held_out("x/y.py") == is_held_out("x/y.py")
+
+
+def test_third_party_code_is_an_installed_package_outside_the_stdlib() -> None:
+    files = package_files("pydantic")
+    assert files and all(f.suffix == ".py" and stdlib_root() not in f.parents for f in files)
+    with pytest.raises(ValueError, match="not an installed package"):
+        package_files("no_such_package_here")
+    model = RecurrentModel(BUNDLED_MODEL)
+    ids = held_out_ids(model, 20_000, package="pydantic")
+    assert len(ids) == 20_000 and 0 < bits_per_char(model, ids, streams=4) < 3.0
 
 
 def test_vocab_and_unknown_characters() -> None:
