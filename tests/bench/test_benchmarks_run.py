@@ -13,7 +13,7 @@ def test_engine_benchmark_runs_and_writes_its_results(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "engine.json").read_text())
     run = result["runs"][0]
     assert run["batching_speedup"] > 0 and run["engine_vs_raw"] > 0
-    assert run["redis_round_trips_per_batch"] >= 2
+    assert 1 <= run["redis_round_trips_per_batch"] <= 2  # the write, and a load only for uncached sessions
     assert {"buckets", "one_call"} <= set(result["bucketing"])
     assert (tmp_path / "engine.md").read_text().startswith("6 sessions")
     assert (tmp_path / "engine.png").stat().st_size > 1000
