@@ -339,7 +339,7 @@ class Scheduler:
                     r.base, r.cached = written, False
                     landed.append(r)
                 continue
-            self.cache.evict(r.session_id)
+            self.cache.evict(r.session_id, stale=r.cached and outcome is WriteOutcome.CONFLICT)
             if outcome is WriteOutcome.MISSING and not r.cached:
                 self._fail(r, SessionNotFound(f"session {r.session_id!r} was deleted"))
             elif r.generation is not None and r.generation.started:  # tokens were streamed: no rerun

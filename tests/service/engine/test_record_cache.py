@@ -147,3 +147,35 @@ async def test_a_session_deleted_behind_the_cache_is_not_found(
             await engine.step(sid, a)
         assert info.value.status == 404 and time.perf_counter() - started < 5  # type: ignore[attr-defined]
         assert engine.schedulers["m"].cache.get(sid) is None
+
+
+async def test_a_session_two_processes_step_in_turn_is_left_uncached_after_one_lost_cas(
+    redis_url: str, loaded: dict[str, RecurrentModel]
+) -> None:
+    """HTTP requests spread over replicas: after the first stale guess each process loads the
+    session from Redis (two round trips, as without a cache) instead of losing the CAS on every
+    step (a wasted model run and a reload each time)."""
+    model = loaded["gru_stacked"]
+    rng = np.random.default_rng(5)
+    chunks = [random_inputs(model.contract, n, rng) for n in (1, 2, 1, 3, 2, 1, 2, 1)]
+    async with (
+        running_engine(redis_url, {"m": model}) as engine,
+        running_engine(redis_url, {"m": model}) as other,
+    ):
+        sid = (await engine.create()).session_id
+        outs = [(await (engine if i % 2 == 0 else other).step(sid, c)).outputs for i, c in enumerate(chunks)]
+        runs = engine.schedulers["m"].model_calls + other.schedulers["m"].model_calls
+        assert runs == len(chunks) + 2  # one wasted run per process (its one stale guess), not one per step
+        assert engine.schedulers["m"].cache.get(sid) is None and other.schedulers["m"].cache.get(sid) is None
+        await assert_history(engine, model, sid, chunks, outs)
+
+
+def test_a_stale_session_is_cached_again_after_the_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = RecordCache(4)
+    cache.evict("a", stale=True)
+    cache.put(record("a"))
+    assert cache.get("a") is None
+    now = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: now + 61)
+    cache.put(record("a"))
+    assert cache.get("a") is not None
