@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from service.engine.contract import LENGTH, ConstantTensor, ModelContract
+from service.engine.validation import integral_floats, rectangular
 from service.errors import InvalidInput, PayloadTooLarge
 from service.store.record import SessionRecord
 
@@ -63,12 +64,7 @@ def validate_constants(contract: ModelContract, raw: object, max_bytes: int) -> 
 
 
 def _one(c: ConstantTensor, value: Any) -> np.ndarray:
-    try:
-        array = np.asarray(value)
-    except (ValueError, TypeError):  # ragged nested lists
-        array = np.empty(0, dtype=object)
-    if array.dtype == object:
-        raise InvalidInput(f"constant {c.name!r} must be a rectangular array of shape {_shape(c)}")
+    array = rectangular(value, f"constant {c.name!r}", _shape(c))
     fits = array.ndim == len(c.shape) and all(d in (LENGTH, r) for d, r in zip(c.shape, array.shape, strict=False))
     if not fits:
         raise InvalidInput(f"constant {c.name!r} has shape {list(array.shape)}; the model expects {_shape(c)}")
@@ -76,7 +72,7 @@ def _one(c: ConstantTensor, value: Any) -> np.ndarray:
     if axis is not None and array.shape[axis] == 0:
         raise InvalidInput(f"constant {c.name!r} is empty: its length (L, axis {axis}) must be at least 1")
     if c.dtype.kind in "iub":
-        if array.dtype.kind == "f" and bool(np.all(np.isfinite(array) & (array == np.floor(array)))):
+        if integral_floats(array):
             array = array.astype(np.int64)
         if array.dtype.kind not in "iub":
             raise InvalidInput(f"constant {c.name!r} must hold integers ({c.dtype.name})")

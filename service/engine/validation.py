@@ -45,14 +45,26 @@ def _names(contract: ModelContract) -> list[str]:
     return [t.name for t in contract.inputs]
 
 
-def _one(contract: ModelContract, t: DataTensor, value: Any, max_steps: int) -> np.ndarray:
-    want = ("T", *t.shape)
+def rectangular(value: Any, what: str, shape: str) -> np.ndarray:
+    """``value`` (JSON nested lists) as one array, or ``InvalidInput`` naming ``what`` and the
+    ``shape`` it should have when the lists are ragged or mixed."""
     try:
         array = np.asarray(value)
     except (ValueError, TypeError):  # ragged nested lists
         array = np.empty(0, dtype=object)
     if array.dtype == object:
-        raise InvalidInput(f"input {t.name!r} must be a rectangular array of shape {_shape(want)}")
+        raise InvalidInput(f"{what} must be a rectangular array of shape {shape}")
+    return array
+
+
+def integral_floats(array: np.ndarray) -> bool:
+    """Floats that are all whole numbers: JSON's 3.0 is the integer 3."""
+    return array.dtype.kind == "f" and bool(np.all(np.isfinite(array) & (array == np.floor(array))))
+
+
+def _one(contract: ModelContract, t: DataTensor, value: Any, max_steps: int) -> np.ndarray:
+    want = ("T", *t.shape)
+    array = rectangular(value, f"input {t.name!r}", _shape(want))
     if array.ndim >= 1 and array.shape[0] == 0:
         raise InvalidInput(f"input {t.name!r} is empty: it needs at least one timestep (T >= 1)")
     if array.ndim != len(want) or tuple(array.shape[1:]) != t.shape:
@@ -82,8 +94,7 @@ def _one(contract: ModelContract, t: DataTensor, value: Any, max_steps: int) -> 
 
 
 def _tokens(contract: ModelContract, t: DataTensor, array: np.ndarray) -> np.ndarray:
-    integral_floats = array.dtype.kind == "f" and bool(np.all(np.isfinite(array) & (array == np.floor(array))))
-    if array.dtype.kind not in "iu" and not integral_floats:  # JSON's 3.0 is the id 3
+    if array.dtype.kind not in "iu" and not integral_floats(array):  # JSON's 3.0 is the id 3
         raise InvalidInput(f"input {t.name!r} must hold integer token ids, not {_kind(array)}")
     high = len(contract.vocab) if contract.vocab is not None else np.iinfo(t.dtype).max
     if array.min() >= 0 and array.max() < high:  # two reductions; the error's details only when needed
