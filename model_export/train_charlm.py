@@ -80,20 +80,32 @@ def lr_schedule(
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--embedding", type=int, default=48)
-    p.add_argument("--streams", type=int, default=32)
-    p.add_argument("--window", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--streams", type=int, default=256)
+    p.add_argument("--window", type=int, default=32)
+    p.add_argument("--lr", type=float, default=6e-3, help="peak learning rate")
     p.add_argument("--schedule", choices=("onecycle", "cosine"), default="onecycle")
     p.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps spent warming up")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0: none)")
-    p.add_argument("--beta2", type=float, default=0.999, help="Adam's second-moment decay")
+    p.add_argument("--beta2", type=float, default=0.99, help="Adam's second-moment decay")
     p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (AdamW)")
-    p.add_argument("--shuffle-files", action="store_true", help="train on the files in a seeded random order")
+    p.add_argument(
+        "--shuffle-files",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train on the files in a seeded random order (else sorted by path: whole packages side by side)",
+    )
+    p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train under bfloat16 autocast (weights, optimizer and scoring stay float32; ~3x faster on a "
+        "CPU with AVX512-BF16, the same recipe but slower elsewhere)",
+    )
     p.add_argument("--no-export", action="store_true", help="score in PyTorch only (experiments)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads (use 1 on a box others keep busy)")
     p.add_argument("--eval-chars", type=int, default=None, help="held-out characters to score (default: all)")
@@ -138,9 +150,10 @@ def main(argv: list[str] | None = None) -> None:
         if k == 0:
             state = model.initial_state(args.streams)
         chunk = rows[:, k * args.window : (k + 1) * args.window + 1]
-        logits, *new_state = model.forward_sequence(chunk[:, :-1], *state)
-        state = tuple(s.detach() for s in new_state)
-        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            logits, *new_state = model.forward_sequence(chunk[:, :-1], *state)
+        state = tuple(s.detach().float() for s in new_state)
+        loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         if args.clip > 0:
@@ -178,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         "train_files": len(corpus.train),
         "train_chars": len(train_ids),
         "chars_seen_in_training": chars_seen,
+        "passes": round(chars_seen / len(train_ids), 2),
         "parameters": params,
         "train_minutes": round(train_minutes, 1),
         "chars_per_second": round(chars_seen / (train_minutes * 60)),
@@ -197,6 +211,7 @@ def model_card(card: dict[str, object], vocab: str, onnx_path: Path) -> str:
     decay = f", weight decay {a['weight_decay']}" if a["weight_decay"] else ""
     optimizer = f"Adam{'W' if decay else ''} (beta2 {a['beta2']}{decay})"
     schedule = "one-cycle" if a["schedule"] == "onecycle" else "linear warm-up + cosine"
+    precision = "bfloat16 autocast (float32 weights)" if a.get("bf16") else "float32"
     return f"""# charlm — the bundled demo model
 
 A character-level language model of Python source: a {a["layers"]}-layer GRU (hidden {a["hidden"]},
@@ -206,7 +221,7 @@ U+FFFD, is the unknown character). File: `{onnx_path.name}`, {onnx_path.stat().s
 
 ## Quality
 
-**Held-out bits per character: {card["held_out_bits_per_char"]}** (target ≤ 2.0).
+**Held-out bits per character: {card["held_out_bits_per_char"]}** (target ≤ 1.6).
 
 How it was measured: the standard library's `*.py` files of Python {card["python"]} are split
 by file with a hash of the relative path; {card["held_out_files"]} files (about 5 %) are held out
@@ -224,10 +239,10 @@ of the `*.py` files of {card["third_party"]} (other authors, other style; measur
 ## Training
 
 Data: {card["train_files"]} files, {card["train_chars"]:,} characters{order};
-{card["chars_seen_in_training"]:,} characters seen (truncated BPTT, {a["streams"]} streams × windows of {a["window"]},
+{card["chars_seen_in_training"]:,} characters seen ({card["passes"]} passes over it; truncated BPTT, {a["streams"]} streams × windows of {a["window"]},
 {a["steps"]} steps, {optimizer},
 {schedule} schedule with {a["warmup"]:.0%} warm-up,
-peak lr {a["lr"]}, gradient clip {a["clip"]}, seed {a["seed"]}, {a["threads"]} CPU thread(s):
+peak lr {a["lr"]}, gradient clip {a["clip"]}, {precision}, seed {a["seed"]}, {a["threads"]} CPU thread(s):
 {card["train_minutes"]} minutes at {card["chars_per_second"]:,} chars/s, torch {card["torch"]}).
 
 Reproduce: `python -m model_export.train_charlm --seed {a["seed"]} --steps {a["steps"]}` (the defaults

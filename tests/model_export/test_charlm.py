@@ -43,16 +43,17 @@ def test_bundled_model_declares_a_token_lm_contract() -> None:
 
 
 def test_held_out_bits_per_char_through_the_runtime() -> None:
-    """A sample from EVERY held-out file (its first 2,000 characters) must score under 2.0
-    bits/char, and the model card must state the full measurement."""
+    """A sample from EVERY held-out file (its first 2,000 characters: file heads, harder than the
+    whole files) must score under 1.8 bits/char (the shipped model: 1.72), and the model card must
+    state the full measurement, within the card's target of 1.6."""
     model = RecurrentModel(BUNDLED_MODEL)
     held = split_stdlib().held_out
     assert held
     text = "\n".join(read_text([f])[:2000] for f in held)
     bpc = bits_per_char(model, encode(text, "".join(model.contract.vocab or ())), streams=8, window=256)
-    assert bpc <= 2.0
+    assert bpc <= 1.8
     card = json.loads((BUNDLED_MODEL.parent / "charlm.json").read_text())
-    assert card["held_out_bits_per_char"] <= 2.0
+    assert card["held_out_bits_per_char"] <= 1.6
     assert (
         f"**Held-out bits per character: {card['held_out_bits_per_char']}**"
         in (BUNDLED_MODEL.parent / "charlm.md").read_text()
