@@ -52,11 +52,11 @@ async def run(
     scheduler = service.schedulers["attn"]
     original = scheduler._run_group
 
-    def counting(rows: list[Any]) -> Any:  # the memory cells each model call carries
+    def counting(rows: list[Any], tiny: bool = False) -> Any:  # the memory cells each model call carries
         real = [r.constants["memory"].shape[0] for r in rows]
         padded[0] += sum(real)
         padded[1] += len(real) * max(real)
-        return original(rows)
+        return original(rows, tiny)
 
     scheduler._run_group = counting  # type: ignore[method-assign]
 

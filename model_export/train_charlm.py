@@ -239,8 +239,8 @@ of the `*.py` files of {card["third_party"]} (other authors, other style; measur
 ## Training
 
 Data: {card["train_files"]} files, {card["train_chars"]:,} characters{order};
-{card["chars_seen_in_training"]:,} characters seen ({card["passes"]} passes over it; truncated BPTT, {a["streams"]} streams × windows of {a["window"]},
-{a["steps"]} steps, {optimizer},
+{card["chars_seen_in_training"]:,} characters seen ({card["passes"]} passes over it; truncated BPTT,
+{a["streams"]} streams × windows of {a["window"]}, {a["steps"]} steps, {optimizer},
 {schedule} schedule with {a["warmup"]:.0%} warm-up,
 peak lr {a["lr"]}, gradient clip {a["clip"]}, {precision}, seed {a["seed"]}, {a["threads"]} CPU thread(s):
 {card["train_minutes"]} minutes at {card["chars_per_second"]:,} chars/s, torch {card["torch"]}).

@@ -244,7 +244,7 @@ class SessionService:
         so no check here could be fresher)."""
         key = self._key(session_id, owner)
         reply = await (await self._routed(key, session_id, lambda name: self._submit(name, key, owner, call)))
-        return replace(reply, session_id=session_id)
+        return reply if reply.session_id == session_id else replace(reply, session_id=session_id)
 
     async def generate(self, session_id: str, call: GenerateCall, owner: str = "") -> GenerationStream:
         """Start a generation (token LMs; docs/generation.md): ``TokenEvent``s, then a ``DoneEvent``.

@@ -9,6 +9,8 @@ types.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -60,9 +62,9 @@ class StateTensor:
     initial: str | None = None  # a graph initializer every session starts from (else zeros)
     initial_value: np.ndarray | None = field(default=None, compare=False, repr=False)
 
-    @property
+    @functools.cached_property  # read for every row of every batch; np.prod is slow on tiny shapes
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def describe(self) -> dict[str, object]:
         return {

@@ -5,7 +5,9 @@ states ``[B, ...]`` (one session's slice per row) → outputs ``[B, T, ...]`` an
 ``[B, ...]``. Sequence-form models run in one call; step-form models run ``T`` calls of a copy
 of the step graph extended with the carry (``Where(mask_t, new, old)``), so on CUDA the state
 never leaves the device between timesteps (IO binding feeds each step's state outputs to the
-next step as inputs).
+next step as inputs). On the CPU a sequence-form call is a plain ``InferenceSession.run`` (IO
+binding only pays where outputs can stay on a device), and tiny calls (``tiny=True``) go to a
+second, one-thread session of the same graph.
 """
 
 from __future__ import annotations
@@ -96,17 +98,10 @@ class RecurrentModel:
         if not self.path.is_file():
             raise ModelContractError(f"model file {str(self.path)!r} does not exist")
         self.name = name or self.path.stem
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = 1
-        # ORT's pool threads spin while waiting for work; on a box whose cores also run the event
-        # loop and Redis that spinning takes their CPU (see docs/bench/README.md).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3
-        self._options = options
+        self._options = self._options_with(intra_op_threads=intra_op_threads)
         wanted = resolve_providers(providers)
         try:
-            probe = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+            probe = ort.InferenceSession(str(self.path), self._options, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types for a broken file
             raise ModelContractError(f"model {self.name!r} cannot be loaded by ONNX Runtime: {e}") from e
         self.fingerprint = fingerprint(self.path)
@@ -128,12 +123,22 @@ class RecurrentModel:
                 f"model {self.name!r} has no {METADATA_KEY!r} metadata; name its state pairs (--state IN:OUT)"
             )
         self.contract = build_contract(declared, probe, _initializers(self.path, set(declared.initials.values())))
+        source: str | onnx.ModelProto = str(self.path)
         if self.contract.form == "step":
-            self.session = self._session(with_step_carry(onnx.load_model(str(self.path)), self.contract), wanted)
+            source = with_step_carry(onnx.load_model(str(self.path)), self.contract)
+            self.session = self._session(source, wanted, self._options)
         else:
-            self.session = probe if wanted == ["CPUExecutionProvider"] else self._session(str(self.path), wanted)
+            self.session = probe if wanted == ["CPUExecutionProvider"] else self._session(source, wanted, self._options)
         self.provider = self.session.get_providers()[0]
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        self._output_names = [o.name for o in self.session.get_outputs()]
+        # Tiny calls (``run(tiny=True)``: the scheduler's inline ones, B x T of a few cells) on the
+        # CPU go to a second session with one thread: handing a B=1 step to ORT's pool costs more
+        # than it saves (67 vs 99 us here, docs/bench/README.md). It holds a second copy of the weights.
+        self._tiny_session = self.session
+        if self.device == "cpu" and intra_op_threads != 1:
+            tiny = self._options_with(intra_op_threads=1)
+            self._tiny_session = self._session(source, ["CPUExecutionProvider"], tiny)
         log.info(
             "model %s (%s form, %s) runs on %s; fingerprint %s",
             self.name,
@@ -168,9 +173,23 @@ class RecurrentModel:
             entry["unk_id"] = c.unk_id
         return entry
 
-    def _session(self, model: str | onnx.ModelProto, providers: list[str]) -> ort.InferenceSession:
+    @staticmethod
+    def _options_with(*, intra_op_threads: int) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        # ORT's pool threads spin while waiting for work; on a box whose cores also run the event
+        # loop and Redis that spinning takes their CPU (see docs/bench/README.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3
+        return options
+
+    @staticmethod
+    def _session(
+        model: str | onnx.ModelProto, providers: list[str], options: ort.SessionOptions
+    ) -> ort.InferenceSession:
         source = model if isinstance(model, str) else model.SerializeToString()
-        return ort.InferenceSession(source, self._options, providers=providers)
+        return ort.InferenceSession(source, options, providers=providers)
 
     def _warm_up(self) -> None:
         """Run B=1, T=1 and B=2, T=3; check every output's real shape against the contract and
@@ -181,7 +200,9 @@ class RecurrentModel:
             rows = [placeholder_constants(self.contract, n + 1) for n in range(batch)]
             try:
                 states = self.contract.initial_states(batch)
-                result = self.run(inputs, np.ones((batch, steps), bool), states, pad_constants(self.contract, rows))
+                constants = pad_constants(self.contract, rows)
+                # B=1, T=1 is the tiny session's shape (the same graph), B=2, T=3 the main one's.
+                result = self.run(inputs, np.ones((batch, steps), bool), states, constants, tiny=batch == 1)
             except Exception as e:  # e.g. a graph whose time loop was frozen at export
                 raise ModelContractError(
                     f"model {self.name!r} failed its warm-up run at B={batch}, T={steps}: {e}"
@@ -211,10 +232,13 @@ class RecurrentModel:
         mask: np.ndarray,
         states: dict[str, np.ndarray],
         constants: dict[str, np.ndarray] | None = None,
+        *,
+        tiny: bool = False,
     ) -> BatchResult:
         """Run one padded batch. Rows where ``mask`` is False keep their state and output zeros.
         ``constants``: the per-session constants and their masks as graph feeds (``pad_constants``),
-        the same for every timestep."""
+        the same for every timestep. ``tiny``: a call of a few cells (on the CPU: one thread)."""
+        session = self._tiny_session if tiny else self.session
         c = self.contract
         constants = constants or {}
         if missing := sorted({k.name for k in c.constants} - set(constants)):
@@ -232,30 +256,37 @@ class RecurrentModel:
                 **constants,
                 c.mask: np.ascontiguousarray(mask, dtype=c.mask_dtype),
             }
-            values = self._run_bound(feeds, {})
-            outputs = {t.name: values[t.name].numpy() for t in c.outputs}
-            new_states = {s.input: values[s.output].numpy() for s in c.states}
+            if self.device == "cpu":  # a plain run: IO binding only pays where outputs stay on a device
+                values_cpu = dict(zip(self._output_names, session.run(self._output_names, feeds), strict=True))
+                outputs = {t.name: values_cpu[t.name] for t in c.outputs}
+                new_states = {s.input: values_cpu[s.output] for s in c.states}
+            else:
+                values = self._run_bound(session, feeds, {})
+                outputs = {t.name: values[t.name].numpy() for t in c.outputs}
+                new_states = {s.input: values[s.output].numpy() for s in c.states}
         else:
-            outputs, new_states = self._run_steps(feeds_inputs, np.asarray(mask, dtype=bool), feeds_states, constants)
+            outputs, new_states = self._run_steps(
+                session, feeds_inputs, np.asarray(mask, dtype=bool), feeds_states, constants
+            )
         return BatchResult(outputs, {s.input: np.moveaxis(new_states[s.input], s.batch_axis, 0) for s in c.states})
 
     def _run_bound(
-        self, feeds: dict[str, np.ndarray], device_feeds: dict[str, ort.OrtValue]
+        self, session: ort.InferenceSession, feeds: dict[str, np.ndarray], device_feeds: dict[str, ort.OrtValue]
     ) -> dict[str, ort.OrtValue]:
         """One call with IO binding; outputs stay on the model's device until read."""
-        binding = self.session.io_binding()
+        binding = session.io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
         for name, value in device_feeds.items():
             binding.bind_ortvalue_input(name, value)
-        names = [o.name for o in self.session.get_outputs()]
-        for name in names:
+        for name in self._output_names:
             binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
-        return dict(zip(names, binding.get_outputs(), strict=True))
+        session.run_with_iobinding(binding)
+        return dict(zip(self._output_names, binding.get_outputs(), strict=True))
 
     def _run_steps(
         self,
+        session: ort.InferenceSession,
         inputs: dict[str, np.ndarray],
         mask: np.ndarray,
         states: dict[str, np.ndarray],
@@ -272,7 +303,7 @@ class RecurrentModel:
             feeds = {name: np.ascontiguousarray(x[:, t]) for name, x in inputs.items()}
             feeds[STEP_MASK] = np.ascontiguousarray(mask[:, t])
             feeds.update(host_states)
-            values = self._run_bound(feeds, {**device_constants, **device_states})
+            values = self._run_bound(session, feeds, {**device_constants, **device_states})
             for o in c.outputs:
                 value = values[o.name].numpy()
                 if o.name not in outputs:  # allocated from the first step: the graph may leave dims symbolic

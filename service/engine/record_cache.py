@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import replace
 
-from service.store.record import SessionRecord
+from service.store.record import SessionRecord, evolve
 
 # How long a session found changed by another writer is left uncached (seconds).
 SHARED_HOLD_S = 60.0
@@ -50,7 +49,8 @@ class RecordCache:
         session beyond ``capacity``. Only records with a write token are kept (the CAS needs it)."""
         if self.capacity <= 0 or not record.token or self._is_shared(record.session_id):
             return
-        self._records[record.session_id] = replace(record, last_reply=b"")  # replays read Redis
+        # Replays read Redis, so the cache keeps no replay copy.
+        self._records[record.session_id] = evolve(record, last_reply=b"") if record.last_reply else record
         self._records.move_to_end(record.session_id)
         while len(self._records) > self.capacity:
             self._records.popitem(last=False)

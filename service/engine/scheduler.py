@@ -287,7 +287,7 @@ class Scheduler:
                 if len(self._queue) <= len(rows) and len(members) * max(steps) <= self.settings.inline_max_cells:
                     # Nothing else waits and the call is tiny: the hop to the device thread and
                     # back (two context switches) would cost more than the loop is blocked.
-                    result = self._run_group(members)
+                    result = self._run_group(members, tiny=True)
                 else:
                     result = await loop.run_in_executor(self._executor, self._run_group, members)
                 self.model_calls += 1
@@ -299,11 +299,11 @@ class Scheduler:
                     r.states = row.states
                     r.next_chunk += 1
 
-    def _run_group(self, rows: list[StepRequest]) -> BatchResult:
+    def _run_group(self, rows: list[StepRequest], tiny: bool = False) -> BatchResult:
         """Pad the rows' current chunks to one ``[B, T]`` batch and run it (device thread, or
         inline for a tiny batch when nothing else waits: ``inline_max_cells``)."""
         batch = pad_rows(self.model.contract, rows)
-        return self.model.run(batch.inputs, batch.mask, batch.states, batch.constants)
+        return self.model.run(batch.inputs, batch.mask, batch.states, batch.constants, tiny=tiny)
 
     async def _write(self, finals: list[StepRequest]) -> list[StepRequest]:
         """One pipelined round trip; each session's write is a CAS on the revision and write token

@@ -41,7 +41,9 @@ def states_from_bytes(contract: ModelContract, blobs: tuple[bytes, ...]) -> dict
     for s, blob in zip(contract.states, blobs, strict=True):
         if len(blob) != s.nbytes:
             raise ValueError(f"state {s.input!r} is {len(blob)} bytes, expected {s.nbytes}")
-        out[s.input] = np.frombuffer(blob, dtype=s.dtype.newbyteorder(_LE)).astype(s.dtype).reshape(s.shape)
+        # Read-only views of the record's bytes where the byte order is native (no copy): rows are
+        # only ever stacked into a new batch array, never written in place.
+        out[s.input] = np.frombuffer(blob, dtype=s.dtype.newbyteorder(_LE)).astype(s.dtype, copy=False).reshape(s.shape)
     return out
 
 

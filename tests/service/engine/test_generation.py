@@ -96,10 +96,10 @@ async def test_stop_strings_and_validation(redis_url: str, loaded: dict[str, Rec
     async with running_engine(redis_url, {"charlm": model}, max_generate_tokens=50) as engine:
         sid = (await engine.create()).session_id
         events, done = await collect(
-            engine, sid, GenerateCall("x = 1\ny = 2\n", max_tokens=50, temperature=0, stop=("\n",))
+            engine, sid, GenerateCall("import os\nimport sys\n", max_tokens=50, temperature=0, stop=("\n",))
         )
         assert done.finish_reason == "stop" and done.text.endswith("\n") and "\n" not in done.text[:-1]
-        assert done.step == len("x = 1\ny = 2\n") + len(events)
+        assert done.step == len("import os\nimport sys\n") + len(events)
         with pytest.raises(InvalidInput, match="at most 50"):
             await engine.generate(sid, GenerateCall("a", max_tokens=51))
         with pytest.raises(InvalidInput, match="outside the vocab"):

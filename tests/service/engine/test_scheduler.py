@@ -74,9 +74,9 @@ async def test_a_session_is_in_a_batch_at_most_once(
     seen: list[list[str]] = []
     original = Scheduler._run_group
 
-    def spy(self: Scheduler, rows: list[StepRequest]):  # type: ignore[no-untyped-def]
+    def spy(self: Scheduler, rows: list[StepRequest], tiny: bool = False):  # type: ignore[no-untyped-def]
         seen.append([r.session_id for r in rows])
-        return original(self, rows)
+        return original(self, rows, tiny)
 
     monkeypatch.setattr(Scheduler, "_run_group", spy)
     model = loaded["gru_stacked"]
@@ -105,9 +105,9 @@ async def test_batches_respect_row_and_token_limits(
     sizes: list[tuple[int, int]] = []
     original = Scheduler._run_group
 
-    def spy(self: Scheduler, rows: list[StepRequest]):  # type: ignore[no-untyped-def]
+    def spy(self: Scheduler, rows: list[StepRequest], tiny: bool = False):  # type: ignore[no-untyped-def]
         sizes.append((len(rows), sum(r.chunk_steps for r in rows)))
-        return original(self, rows)
+        return original(self, rows, tiny)
 
     monkeypatch.setattr(Scheduler, "_run_group", spy)
     async with running_engine(
@@ -258,9 +258,10 @@ async def test_tiny_calls_with_nothing_queued_run_on_the_event_loop(
     on_device: list[bool] = []
     original = Scheduler._run_group
 
-    def spy(self: Scheduler, rows: list[StepRequest]):  # type: ignore[no-untyped-def]
+    def spy(self: Scheduler, rows: list[StepRequest], tiny: bool = False):  # type: ignore[no-untyped-def]
         on_device.append(threading.current_thread().name.startswith("device-"))
-        return original(self, rows)
+        assert tiny is not on_device[-1]  # inline calls run on the model's one-thread session
+        return original(self, rows, tiny)
 
     monkeypatch.setattr(Scheduler, "_run_group", spy)
     model = loaded["gru_stacked"]

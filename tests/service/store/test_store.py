@@ -354,6 +354,12 @@ async def test_scripts_are_reloaded_after_script_flush(store: SessionStore, raw:
     [got] = await store.load(["noscript"], with_reply=True)
     assert isinstance(got, SessionRecord)
     assert store.round_trips == before + 1 and got is not None and got.revision == 2
+    # A batch (a pipeline, not the one-call path) re-sends only what was refused, the same way.
+    raw.script_flush()
+    before = store.round_trips
+    both = await store.load(["noscript", "absent"])
+    assert isinstance(both[0], SessionRecord) and both[1] is None
+    assert store.round_trips == before + 3
 
 
 async def test_bad_url_and_bad_ttl(store: SessionStore) -> None:
