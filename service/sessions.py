@@ -246,6 +246,14 @@ class SessionService:
         reply = await (await self._routed(key, session_id, lambda name: self._submit(name, key, owner, call)))
         return reply if reply.session_id == session_id else replace(reply, session_id=session_id)
 
+    def apply_nowait(self, session_id: str, call: StepCall, owner: str = "") -> asyncio.Future[StepReply] | None:
+        """``apply``'s submission, without a task, where routing needs no Redis (one model): the
+        scheduler's own future, whose reply names the stored key rather than ``session_id``.
+        None with several models: use ``apply``. Raises what ``apply`` raises before queueing."""
+        if len(self.models) != 1:
+            return None
+        return self._submit(self.default_model, self._key(session_id, owner), owner, call)
+
     async def generate(self, session_id: str, call: GenerateCall, owner: str = "") -> GenerationStream:
         """Start a generation (token LMs; docs/generation.md): ``TokenEvent``s, then a ``DoneEvent``.
         What fails before the first token (404, 409 on ``step``) is raised by the first ``__anext__``."""

@@ -7,6 +7,7 @@ Pure functions: the scheduler does the I/O and acts on the verdict.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 import numpy as np
@@ -15,7 +16,6 @@ from service.engine.batch import StepReply, StepRequest
 from service.engine.contract import ModelContract
 from service.engine.tensors import pack_arrays, states_to_bytes, unpack_arrays
 from service.errors import CarryoverError, ModelMismatch, SessionCorrupt, SessionNotFound, StepConflict
-from service.store.record import evolve
 from service.store.store import SessionRecord
 
 Verdict = Literal["apply", "replay"] | CarryoverError
@@ -84,7 +84,7 @@ def written_record(
 ) -> SessionRecord:
     """The record ``r``'s write puts in place of ``base`` (the record it was read at): the step
     advanced, the next revision, the new state, and what is kept beside it."""
-    return evolve(
+    return replace(
         base,
         step=base.step + r.total_steps,
         revision=base.revision + 1,

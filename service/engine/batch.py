@@ -93,7 +93,9 @@ class RowResult:
 
 def chunk_steps(chunk: Mapping[str, np.ndarray]) -> int:
     """Timesteps in a chunk (every input has the same leading T)."""
-    return int(next(iter(chunk.values())).shape[0])
+    for value in chunk.values():  # the first one; a loop is the cheapest way to it (hot path)
+        return int(value.shape[0])
+    raise ValueError("a chunk has at least one input")
 
 
 def split_chunks(inputs: Mapping[str, np.ndarray], max_chunk: int) -> list[Chunk]:

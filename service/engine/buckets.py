@@ -11,6 +11,8 @@ from __future__ import annotations
 
 def plan_buckets(lengths: list[int], overhead: int) -> list[list[int]]:
     """Indices of ``lengths`` grouped into model calls (each group sorted by length)."""
+    if lengths and min(lengths) == max(lengths):  # nothing to pad (e.g. every row one token): one call
+        return [list(range(len(lengths)))]
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     n = len(order)
     best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j sorted rows

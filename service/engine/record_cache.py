@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from dataclasses import replace
 
-from service.store.record import SessionRecord, evolve
+from service.store.record import SessionRecord
 
 # How long a session found changed by another writer is left uncached (seconds).
 SHARED_HOLD_S = 60.0
@@ -50,7 +51,7 @@ class RecordCache:
         if self.capacity <= 0 or not record.token or self._is_shared(record.session_id):
             return
         # Replays read Redis, so the cache keeps no replay copy.
-        self._records[record.session_id] = evolve(record, last_reply=b"") if record.last_reply else record
+        self._records[record.session_id] = replace(record, last_reply=b"") if record.last_reply else record
         self._records.move_to_end(record.session_id)
         while len(self._records) > self.capacity:
             self._records.popitem(last=False)

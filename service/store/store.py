@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -46,7 +47,6 @@ from service.store.record import (
     decode,
     encode,
     encode_constants,
-    evolve,
     replay_key,
     session_key,
 )
@@ -201,7 +201,7 @@ class SessionStore:
                 *encode(record),
             ]
             calls.append((SCRIPTS["save"], (session_key(record.session_id), replay_key(record.session_id)), args))
-            written.append(evolve(record, token=token))
+            written.append(replace(record, token=token))
         outcomes = [_OUTCOMES[int(r)] for r in await self._run(calls)]
         return list(zip(outcomes, written, strict=True))
 
