@@ -213,3 +213,27 @@ def test_float_mask_models_are_fed_a_float_mask(tmp_path: Path) -> None:
     assert m.contract.mask_dtype == np.float32
     out = m.run({"x": np.ones((1, 3, 2), np.float32)}, np.array([[True, False, True]]), m.contract.initial_states(1))
     assert out.outputs["y"][0, :, 0].tolist() == [1.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("name", ["gru_stacked", "gru_stacked_step", "lstm", "lstm_step"])
+def test_tiny_calls_run_on_a_one_thread_session_with_the_same_results(loaded: dict[str, Any], name: str) -> None:
+    """``run(tiny=True)`` (the scheduler's inline calls) takes a second, one-thread session on the
+    CPU; a padded batch gives the same outputs and carried states on both."""
+    model = loaded[name]
+    if model.device == "cpu":
+        assert model._tiny_session is not model.session
+        assert model._tiny_session.get_session_options().intra_op_num_threads == 1
+    rng = np.random.default_rng(3)
+    c = model.contract
+    inputs = {t.name: rng.standard_normal((3, 4, *t.shape)).astype(t.dtype) for t in c.inputs}
+    mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]], bool)  # ragged, and a row of padding only
+    states = {s.input: rng.standard_normal((3, *s.shape)).astype(s.dtype) for s in c.states}
+    main, tiny = model.run(inputs, mask, states), model.run(inputs, mask, states, tiny=True)
+    for k in main.outputs:
+        np.testing.assert_allclose(tiny.outputs[k], main.outputs[k], atol=1e-6)
+    for k in main.states:
+        np.testing.assert_allclose(tiny.states[k], main.states[k], atol=1e-6)
+    for k, v in states.items():  # the all-padding row carried its state on the tiny session too
+        np.testing.assert_array_equal(tiny.states[k][2], v[2])
+    one_thread = RecurrentModel(model.path, flags=None, intra_op_threads=1)
+    assert one_thread._tiny_session is one_thread.session  # already one thread: no second copy
