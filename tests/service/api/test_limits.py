@@ -6,6 +6,7 @@ for WebSockets, ``test_ws.py::test_overload_and_redis_outage_close_1013_never_10
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -97,6 +98,31 @@ async def test_an_idle_websocket_is_closed_4408(limited: LiveServer) -> None:
     message = await recv_json(ws)  # then silence: closed after ws_idle_timeout_s
     assert_ws_problem(message, 408, "idle_timeout")
     assert "ws_idle_timeout_s" in message["detail"]
+    assert await close_code(ws) == 4408
+
+
+async def test_a_chunk_in_flight_past_the_idle_timeout_is_not_idleness(
+    limited: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client waiting for a slow chunk's reply is not idle: the reply comes, and only the
+    silence after it closes the connection (the idle watchdog looks again a timeout later)."""
+    scheduler = app_state(limited.app).session_service().schedulers["gru"]
+    original = scheduler._run_group
+
+    def slow(rows: list[Any], tiny: bool = False) -> Any:  # in the device thread: 20 cells > inline
+        time.sleep(1.6)  # past ws_idle_timeout_s (1 s)
+        return original(rows, tiny)
+
+    monkeypatch.setattr(scheduler, "_run_group", slow)
+    ws, _ = await open_stream(limited, "/v1/stream")
+    started = time.monotonic()
+    await ws.send(chunk_frame("x", np.zeros((20, 4), np.float32), binary=True))
+    reply = await recv(ws)
+    assert isinstance(reply, bytes) and time.monotonic() - started >= 1.6  # the result, not a 4408
+    message = await recv_json(ws)
+    assert_ws_problem(message, 408, "idle_timeout")
+    # Busy at the first look (1 s), idle at the next (2 s): not closed as soon as the reply went.
+    assert time.monotonic() - started >= 1.9
     assert await close_code(ws) == 4408
 
 
