@@ -31,6 +31,9 @@ from service.engine.providers import resolve_providers
 from service.errors import ModelContractError
 
 log = logging.getLogger(__name__)
+# The one-thread session for tiny calls is a second copy of the weights: only for models this
+# small (a big model's B=1 call is not where a thread hand-off matters).
+TINY_SESSION_MAX_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,7 @@ class RecurrentModel:
         # CPU go to a second session with one thread: handing a B=1 step to ORT's pool costs more
         # than it saves (67 vs 99 us here, docs/bench/README.md). It holds a second copy of the weights.
         self._tiny_session = self.session
-        if self.device == "cpu" and intra_op_threads != 1:
+        if self.device == "cpu" and intra_op_threads != 1 and self.path.stat().st_size <= TINY_SESSION_MAX_BYTES:
             tiny = self._options_with(intra_op_threads=1)
             self._tiny_session = self._session(source, ["CPUExecutionProvider"], tiny)
         log.info(

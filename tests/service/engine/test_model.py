@@ -237,3 +237,9 @@ def test_tiny_calls_run_on_a_one_thread_session_with_the_same_results(loaded: di
         np.testing.assert_array_equal(tiny.states[k][2], v[2])
     one_thread = RecurrentModel(model.path, flags=None, intra_op_threads=1)
     assert one_thread._tiny_session is one_thread.session  # already one thread: no second copy
+
+
+def test_no_second_session_for_a_big_model(exported: dict[str, Exported], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("service.engine.model.TINY_SESSION_MAX_BYTES", 1)  # every file is "big" now
+    big = RecurrentModel(exported["lstm"].sequence)
+    assert big._tiny_session is big.session
