@@ -260,13 +260,11 @@ class RecurrentModel:
                 c.mask: np.ascontiguousarray(mask, dtype=c.mask_dtype),
             }
             if self.device == "cpu":  # a plain run: IO binding only pays where outputs stay on a device
-                values_cpu = dict(zip(self._output_names, session.run(self._output_names, feeds), strict=True))
-                outputs = {t.name: values_cpu[t.name] for t in c.outputs}
-                new_states = {s.input: values_cpu[s.output] for s in c.states}
+                arrays = dict(zip(self._output_names, session.run(self._output_names, feeds), strict=True))
             else:
-                values = self._run_bound(session, feeds, {})
-                outputs = {t.name: values[t.name].numpy() for t in c.outputs}
-                new_states = {s.input: values[s.output].numpy() for s in c.states}
+                arrays = {name: value.numpy() for name, value in self._run_bound(session, feeds, {}).items()}
+            outputs = {t.name: arrays[t.name] for t in c.outputs}
+            new_states = {s.input: arrays[s.output] for s in c.states}
         else:
             outputs, new_states = self._run_steps(
                 session, feeds_inputs, np.asarray(mask, dtype=bool), feeds_states, constants

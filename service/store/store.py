@@ -57,6 +57,8 @@ from service.store.translate import RETRY_ON, is_unavailable_reply, translated, 
 __all__ = ["SCHEMES", "Loaded", "SessionRecord", "SessionStore", "WriteOutcome", "session_key"]
 SCHEMES = ("redis://", "rediss://", "unix://")
 ALL_SCRIPTS = {**SCRIPTS, **counting.COUNTING_SCRIPTS, **LIMIT_SCRIPTS}
+# What both call paths raise after three NOSCRIPT rounds in a row.
+SCRIPTS_LOST = "Redis keeps forgetting the store's scripts (SCRIPT FLUSH in a loop?)"
 _OUTCOMES = {1: WriteOutcome.OK, 0: WriteOutcome.CONFLICT, -1: WriteOutcome.MISSING}
 
 
@@ -318,7 +320,7 @@ class SessionStore:
                     replies[i] = r
             pending = refused
         if pending:
-            raise StoreUnavailable("Redis keeps forgetting the store's scripts (SCRIPT FLUSH in a loop?)")
+            raise StoreUnavailable(SCRIPTS_LOST)
         return replies
 
     async def _run_one(self, call: Call) -> Any:
@@ -333,4 +335,4 @@ class SessionStore:
                     return await self._redis.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
                 except NoScriptError:
                     continue
-        raise StoreUnavailable("Redis keeps forgetting the store's scripts (SCRIPT FLUSH in a loop?)")
+        raise StoreUnavailable(SCRIPTS_LOST)
