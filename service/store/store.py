@@ -36,6 +36,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from service.errors import StoreUnavailable, TooManySessions
 from service.store import cluster as cl
 from service.store import counting
+from service.store.direct import DirectCommands
 from service.store.limits import LIMIT_SCRIPTS, take_call
 from service.store.packing import connection_class
 from service.store.record import (
@@ -57,7 +58,7 @@ from service.store.translate import RETRY_ON, is_unavailable_reply, translated, 
 __all__ = ["SCHEMES", "Loaded", "SessionRecord", "SessionStore", "WriteOutcome", "session_key"]
 SCHEMES = ("redis://", "rediss://", "unix://")
 ALL_SCRIPTS = {**SCRIPTS, **counting.COUNTING_SCRIPTS, **LIMIT_SCRIPTS}
-# What both call paths raise after three NOSCRIPT rounds in a row.
+# What a call raises after three NOSCRIPT rounds in a row.
 SCRIPTS_LOST = "Redis keeps forgetting the store's scripts (SCRIPT FLUSH in a loop?)"
 _OUTCOMES = {1: WriteOutcome.OK, 0: WriteOutcome.CONFLICT, -1: WriteOutcome.MISSING}
 
@@ -67,6 +68,8 @@ class SessionStore:
 
     def __init__(self, client: aioredis.Redis | RedisCluster) -> None:
         self._redis: aioredis.Redis | RedisCluster = client
+        # The scripts' hot path to a single Redis (None in a cluster: redis-py routes by slot).
+        self._direct = DirectCommands(client.connection_pool) if isinstance(client, aioredis.Redis) else None
         self.round_trips = 0  # one per pipeline execution or single command sent
         self._admit: cl.Admission | None = None  # cluster mode only (see service.store.cluster)
 
@@ -99,6 +102,9 @@ class SessionStore:
             retry=Retry(ExponentialBackoff(cap=0.25, base=0.025), retries=2),
             retry_on_error=list(RETRY_ON),
         )
+        # redis-py's URL parser picks the class for unix:// and rediss:// itself, over the one
+        # given: set ours again, or those URLs would pack every command in Python.
+        pool.connection_class = connection_class(url)
         store = cls(aioredis.Redis.from_pool(pool))  # the client owns the pool: aclose() closes it
         try:
             try:
@@ -264,7 +270,7 @@ class SessionStore:
     async def _switch_to_cluster(self, url: str, *, socket_timeout_s: float, max_connections: int) -> None:
         """Replace the single-node client by a ``RedisCluster`` started from the URL's node."""
         cluster = cl.cluster_client(url, socket_timeout_s=socket_timeout_s, max_connections=max_connections)
-        single, self._redis = self._redis, cluster
+        single, self._redis, self._direct = self._redis, cluster, None
         self._admit = cl.Admission(max_connections, socket_timeout_s)
         await single.aclose()
         async with self._op():
@@ -289,8 +295,6 @@ class SessionStore:
     async def _run(self, calls: Sequence[Call]) -> list[Any]:
         """EVALSHA every call in one pipeline; after NOSCRIPT, load the scripts and re-send only the
         refused calls (which did nothing). Returns the replies in order."""
-        if len(calls) == 1 and not isinstance(self._redis, RedisCluster):
-            return [await self._run_one(calls[0])]
         replies: list[Any] = [None] * len(calls)
         pending = list(range(len(calls)))
         for attempt in range(3):
@@ -298,16 +302,19 @@ class SessionStore:
                 break
             if attempt:
                 await self._load_scripts()
-            # One round trip; in a cluster, one per node involved, sent in parallel (redis-py groups
-            # the pipeline's commands by the node that serves each key's slot).
+            # One round trip (``direct``); in a cluster, one per node involved, sent in parallel
+            # (redis-py groups the pipeline's commands by the node that serves each key's slot).
             async with self._op():
-                pipe = self._redis.pipeline(transaction=False)
-                for i in pending:
-                    script, keys, args = calls[i]
-                    # execute_command, not pipe.evalsha: redis-py's cluster pipeline blocks the evalsha
-                    # method (redis-py #2914) but routes a queued EVALSHA by its keys like any command.
-                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                results = await pipe.execute(raise_on_error=False)
+                commands = [("EVALSHA", calls[i][0].sha, len(calls[i][1]), *calls[i][1], *calls[i][2]) for i in pending]
+                if self._direct is not None:
+                    results = await self._direct.pipeline(commands)
+                else:
+                    pipe = self._redis.pipeline(transaction=False)
+                    for command in commands:
+                        # execute_command, not pipe.evalsha: redis-py's cluster pipeline blocks the
+                        # evalsha method (redis-py #2914) but routes a queued EVALSHA by its keys.
+                        pipe.execute_command(*command)
+                    results = await pipe.execute(raise_on_error=False)
             refused = []
             for i, r in zip(pending, results, strict=True):
                 if isinstance(r, NoScriptError):
@@ -322,17 +329,3 @@ class SessionStore:
         if pending:
             raise StoreUnavailable(SCRIPTS_LOST)
         return replies
-
-    async def _run_one(self, call: Call) -> Any:
-        """``_run`` of one call as a plain command: an idle server's every step is one call, and
-        redis-py's pipeline machinery costs more than the round trip itself there (bench/README)."""
-        script, keys, args = call
-        for attempt in range(3):
-            if attempt:
-                await self._load_scripts()
-            async with self._op():
-                try:
-                    return await self._redis.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                except NoScriptError:
-                    continue
-        raise StoreUnavailable(SCRIPTS_LOST)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +14,8 @@ from service.store.packing import (
     HiredisUnixConnection,
     connection_class,
 )
+from service.store.store import SessionStore
+from tests.redis_fixture import RedisServer
 
 COMMANDS: list[tuple[Any, ...]] = [
     ("PING",),
@@ -37,3 +40,29 @@ def test_the_class_follows_the_url_scheme() -> None:
     assert connection_class("rediss://h") is HiredisSSLConnection and issubclass(HiredisSSLConnection, SSLConnection)
     assert connection_class("unix:///tmp/r.sock") is HiredisUnixConnection
     assert issubclass(HiredisUnixConnection, UnixDomainSocketConnection)
+
+
+async def _live_connection_class(url: str) -> type:
+    store = await SessionStore.connect(url)
+    try:
+        pool = store._single().connection_pool
+        connection = await pool.get_connection()
+        await pool.release(connection)
+        return type(connection)
+    finally:
+        await store.close()
+
+
+async def test_a_connected_store_packs_with_hiredis_over_tcp(redis_url: str) -> None:
+    assert await _live_connection_class(redis_url) is HiredisConnection
+
+
+async def test_a_connected_store_packs_with_hiredis_over_a_unix_socket(tmp_path: Path) -> None:
+    # redis-py's URL parser sets its own class for unix:// (and rediss://): the store must win.
+    socket_path = tmp_path / "r.sock"
+    server = RedisServer(tmp_path, extra_args=("--unixsocket", str(socket_path), "--unixsocketperm", "700"))
+    server.start()
+    try:
+        assert await _live_connection_class(f"unix://{socket_path}") is HiredisUnixConnection
+    finally:
+        server.stop()

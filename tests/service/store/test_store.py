@@ -468,7 +468,7 @@ async def test_hung_redis_times_out_as_unavailable(tmp_path: Path) -> None:
         finally:
             server.resume()
         await s.ping()
-        [got] = await s.load(["h"])
+        [got] = await s.load(["h"], with_reply=True)
         assert isinstance(got, SessionRecord)
         assert got is not None and got.revision in (1, 2)  # the timed-out write may have landed, whole
         assert_whole(got)
