@@ -46,7 +46,7 @@ class DirectCommands:
     async def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Every command's reply in order, an error reply as its ``ResponseError`` in its place
         (redis-py's ``execute(raise_on_error=False)``); connection failures are raised."""
-        connection = self._parked.pop() if self._parked else await self._pool.get_connection()
+        connection = self._parked.pop() if self._parked else await self._pool.get_connection()  # type: ignore[no-untyped-call]
         try:
 
             async def send_and_read() -> list[Any]:

@@ -58,7 +58,7 @@ async def test_a_call_cancelled_mid_read_leaves_no_stale_reply(client: aioredis.
 async def test_a_killed_connection_is_retried_on_a_fresh_one(client: aioredis.Redis) -> None:
     direct = DirectCommands(client.connection_pool)
     my_id = await direct.call("CLIENT", "ID")  # the parked connection's id
-    await client.execute_command("CLIENT", "KILL", "ID", my_id)
+    await client.execute_command("CLIENT", "KILL", "ID", my_id)  # type: ignore[no-untyped-call]
     assert await direct.call("ECHO", b"again") == b"again"
     assert await direct.call("CLIENT", "ID") != my_id
 

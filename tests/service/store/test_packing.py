@@ -46,7 +46,7 @@ async def _live_connection_class(url: str) -> type:
     store = await SessionStore.connect(url)
     try:
         pool = store._single().connection_pool
-        connection = await pool.get_connection()
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         await pool.release(connection)
         return type(connection)
     finally:
