@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -57,11 +58,19 @@ class Metrics:
         self.sessions = Gauge("carryover_sessions", "sessions in the store", registry=r)
         self.ws_connections = Gauge("carryover_websocket_connections", "open WebSocket connections", registry=r)
 
-    def model_call(self, model: str, seconds: float, steps: list[int], padding: float) -> None:
-        """One model call: its time, its rows (``steps``: each row's timesteps) and padding."""
-        self.batch_seconds.labels(model).observe(seconds)
-        self.batch_rows.labels(model).observe(len(steps))
-        self.batch_padding.labels(model).observe(padding)
+    def for_model(self, model: str) -> ModelSeries:
+        """``model``'s labelled series, bound once (what a scheduler records per request)."""
+        return ModelSeries(
+            self.queue_wait.labels(model),
+            self.batch_seconds.labels(model),
+            self.batch_rows.labels(model),
+            self.batch_padding.labels(model),
+            self.queue_depth.labels(model),
+            self.steps.labels(model),
+            self.cas_conflicts.labels(model),
+            self.redis_seconds.labels("load"),
+            self.redis_seconds.labels("save"),
+        )
 
     def prepare(self, models: Iterable[str]) -> None:
         """Create each model's labelled series, so a scrape shows them (at zero) before the first
@@ -81,3 +90,25 @@ class Metrics:
             self.redis_seconds.labels(op)
         for transport in ("http", "ws"):
             self.serialize_seconds.labels(transport)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSeries:
+    """One model's series with their labels applied: ``labels()`` takes a lock and a lookup
+    (~1.5 µs), and a request records about eight series."""
+
+    queue_wait: Histogram
+    batch_seconds: Histogram
+    batch_rows: Histogram
+    batch_padding: Histogram
+    queue_depth: Gauge
+    steps: Counter
+    cas_conflicts: Counter
+    redis_load: Histogram
+    redis_save: Histogram
+
+    def model_call(self, seconds: float, rows: int, padding: float) -> None:
+        """One model call: its time, its rows and its padded share."""
+        self.batch_seconds.observe(seconds)
+        self.batch_rows.observe(rows)
+        self.batch_padding.observe(padding)

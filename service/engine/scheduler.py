@@ -66,7 +66,7 @@ class Scheduler:
         self.model = model
         self.store = store
         self.settings = settings
-        self.metrics = metrics
+        self.metrics = metrics.for_model(name) if metrics else None
         self._queue: dict[int, StepRequest] = {}  # arrival order
         self._arrivals = itertools.count()
         self._in_flight: set[str] = set()
@@ -231,9 +231,8 @@ class Scheduler:
             return []
         started = time.perf_counter()
         if self.metrics:
-            wait = self.metrics.queue_wait.labels(self.name)
             for r in fresh:
-                wait.observe(started - r.queued_at)
+                self.metrics.queue_wait.observe(started - r.queued_at)
         try:
             records, loads = await fetch_bases(self.store, self.cache, fresh, self.name, self.model.fingerprint)
         except StoreUnavailable as e:
@@ -242,7 +241,8 @@ class Scheduler:
             return []
         if loads:
             self.loads += loads
-            self._observe_redis("load", started)
+            if self.metrics:
+                self.metrics.redis_load.observe(time.perf_counter() - started)
         admitted = []
         for r, rec in zip(fresh, records, strict=True):
             verdict = admission(r, rec, self.name, self.model.fingerprint)
@@ -293,7 +293,7 @@ class Scheduler:
                 self.model_calls += 1
                 self.call_shapes.append((len(members), max(steps)))
                 if self.metrics:
-                    self.metrics.model_call(self.name, time.perf_counter() - started, steps, padding_ratio(steps))
+                    self.metrics.model_call(time.perf_counter() - started, len(steps), padding_ratio(steps))
                 for r, row in zip(members, unpad_rows(result, [r.chunk_steps for r in members]), strict=True):
                     r.outputs.append(row.outputs)
                     r.states = row.states
@@ -321,7 +321,8 @@ class Scheduler:
         try:
             started = time.perf_counter()
             outcomes = await self.store.compare_and_set(writes, replay_window_s=self.settings.replay_window_s)
-            self._observe_redis("save", started)
+            if self.metrics:
+                self.metrics.redis_save.observe(time.perf_counter() - started)
         except StoreUnavailable as e:
             for r in finals:  # the write may or may not have landed: a retry with `step` tells
                 self.cache.evict(r.session_id)
@@ -332,7 +333,7 @@ class Scheduler:
             if outcome is WriteOutcome.OK:
                 self.cache.put(written)
                 if self.metrics:
-                    self.metrics.steps.labels(self.name).inc(r.total_steps)
+                    self.metrics.steps.inc(r.total_steps)
                 if r.generation is None:
                     self._resolve(r, reply)
                 else:
@@ -348,7 +349,7 @@ class Scheduler:
                 self._fail(r, StepConflict(f"session {r.session_id!r} kept changing under this request"))
             else:  # another writer won the CAS (or the cache was stale): run again from Redis's record
                 if self.metrics:
-                    self.metrics.cas_conflicts.labels(self.name).inc()
+                    self.metrics.cas_conflicts.inc()
                 r.restart()
         return landed
 
@@ -393,8 +394,4 @@ class Scheduler:
 
     def _gauge(self) -> None:
         if self.metrics:
-            self.metrics.queue_depth.labels(self.name).set(len(self._queue))
-
-    def _observe_redis(self, op: str, started: float) -> None:
-        if self.metrics:
-            self.metrics.redis_seconds.labels(op).observe(time.perf_counter() - started)
+            self.metrics.queue_depth.set(len(self._queue))
