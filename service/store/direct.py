@@ -5,8 +5,8 @@ redis-py's ``execute_command`` and ``pipeline().execute()`` wrap every call in p
 retry helper; on an idle server that was more than the round trip itself (a 3 KB SET: 78 µs vs
 33 µs sent this way; docs/bench/README.md). Here a few connections stay checked out of the
 pool, parked between calls, and each call writes its packed commands and reads the replies on
-one of them: the same connection class (hiredis packing and parsing), socket timeout and
-``Retry`` as the pool's. Not for a cluster (redis-py routes those by slot).
+one of them: the same connection class (hiredis packing and parsing), timeout (one deadline
+for the whole call) and ``Retry`` as the pool's. Not for a cluster (redis-py routes those by slot).
 
 A parked connection never holds an unread reply: any failure or cancellation between the write
 and the last read disconnects it (the pool's stale-data poll guards against exactly that). A
@@ -16,6 +16,7 @@ store's scripts are safe to re-send (the write token).
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -35,6 +36,7 @@ class DirectCommands:
         # The rest serve redis-py's own calls and callers beyond the parked ones: the pool never
         # runs dry while connections idle here.
         self._park_at_most = min(PARKED, pool.max_connections // 4)
+        self._timeout: float | None = pool.connection_kwargs.get("socket_timeout")
 
     async def call(self, *args: Any) -> Any:
         """One command's reply; an error reply is raised (``ResponseError``), as redis-py does."""
@@ -47,17 +49,22 @@ class DirectCommands:
         """Every command's reply in order, an error reply as its ``ResponseError`` in its place
         (redis-py's ``execute(raise_on_error=False)``); connection failures are raised."""
         connection = self._parked.pop() if self._parked else await self._pool.get_connection()  # type: ignore[no-untyped-call]
+        # One deadline for the write and all the replies, instead of redis-py's per-operation ones
+        # (its timed write is an ``asyncio.wait_for``: a task per call). While the connection is
+        # ours it has no socket timeout of its own; it gets it back before the pool sees it again.
+        timeout, connection.socket_timeout = self._timeout, None
         try:
 
             async def send_and_read() -> list[Any]:
-                await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
-                replies: list[Any] = []
-                for _ in commands:
-                    try:
-                        replies.append(await connection.read_response())
-                    except ResponseError as e:
-                        replies.append(e)
-                return replies
+                async with asyncio.timeout(timeout):
+                    await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+                    replies: list[Any] = []
+                    for _ in commands:
+                        try:
+                            replies.append(await connection.read_response())
+                        except ResponseError as e:
+                            replies.append(e)
+                    return replies
 
             async def drop(_: Exception) -> None:
                 await connection.disconnect()
@@ -65,11 +72,13 @@ class DirectCommands:
             assert connection.retry is not None
             replies = await connection.retry.call_with_retry(send_and_read, drop)
         except BaseException:  # the connection may hold unread replies: never reuse it as it is
+            connection.socket_timeout = timeout
             await connection.disconnect()
             await self._pool.release(connection)
             raise
         if len(self._parked) < self._park_at_most:
             self._parked.append(connection)
         else:
+            connection.socket_timeout = timeout
             await self._pool.release(connection)
         return replies

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -14,6 +16,7 @@ from redis.exceptions import ResponseError
 from service.store.direct import DirectCommands
 from service.store.packing import connection_class
 from service.store.translate import RETRY_ON
+from tests.redis_fixture import RedisServer
 
 
 @pytest.fixture
@@ -74,3 +77,27 @@ async def test_parks_at_most_a_quarter_of_the_pool(redis_url: str) -> None:
         assert await c.ping()  # no connection is parked away from redis-py's own calls
     finally:
         await c.aclose()
+
+
+async def test_a_hung_redis_times_out_on_a_parked_connection(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)
+    server.start()
+    pool = aioredis.BlockingConnectionPool.from_url(
+        server.url, socket_timeout=0.2, retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1)
+    )
+    c = aioredis.Redis.from_pool(pool)
+    try:
+        direct = DirectCommands(pool)
+        assert await direct.call("PING")  # parked now, without its own socket timeout
+        server.pause()
+        try:
+            started = time.monotonic()
+            with pytest.raises(OSError):  # asyncio's TimeoutError: the store reports it as unavailable
+                await direct.call("PING")
+            assert time.monotonic() - started < 5
+        finally:
+            server.resume()
+        assert await direct.call("ECHO", b"back") == b"back"
+    finally:
+        await c.aclose()
+        server.stop()
