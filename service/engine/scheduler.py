@@ -222,7 +222,8 @@ class Scheduler:
             self.batches += 1
             self._gauge()
             self._slots.release()
-            self._changed.set()
+            if self._queue or self._stopping:  # an idle server's gatherer sleeps on until the next submit
+                self._changed.set()
 
     async def _admit(self, fresh: list[StepRequest]) -> list[StepRequest]:
         """Load the batch's records in one round trip (those the record cache admits need none);
