@@ -16,6 +16,7 @@ from service.engine.batch import StepReply, StepRequest
 from service.engine.contract import ModelContract
 from service.engine.tensors import pack_arrays, states_to_bytes, unpack_arrays
 from service.errors import CarryoverError, ModelMismatch, SessionCorrupt, SessionNotFound, StepConflict
+from service.store.record import new_write_token
 from service.store.store import SessionRecord
 
 Verdict = Literal["apply", "replay"] | CarryoverError
@@ -80,10 +81,10 @@ def written_record(
     contract: ModelContract,
     outputs: dict[str, np.ndarray],
     now: float,
-    replay_max_bytes: int,
 ) -> SessionRecord:
     """The record ``r``'s write puts in place of ``base`` (the record it was read at): the step
-    advanced, the next revision, the new state, and what is kept beside it."""
+    advanced, the next revision, the new state, what is kept beside it and its own write token
+    (made here, so the store need not copy the record to add one)."""
     return replace(
         base,
         step=base.step + r.total_steps,
@@ -91,7 +92,8 @@ def written_record(
         states=states_to_bytes(contract, r.states),
         updated_at=now,
         last_digest=r.digest if r.expected_step is not None else "",
-        last_reply=replay_copy(r, outputs, replay_max_bytes),
+        last_reply=b"",  # the replay copy is written beside the record (``replay_copy``), not kept in it
         last_prediction=last_prediction(contract, outputs),
         expires_in=None,
+        token=new_write_token(),
     )

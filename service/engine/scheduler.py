@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from service.config import Settings
-from service.engine.admission import admission, written_record
+from service.engine.admission import admission, replay_copy, written_record
 from service.engine.batch import StepReply, StepRequest, join_chunks, pad_rows, split_chunks, unpad_rows
 from service.engine.buckets import padding_ratio, plan_buckets
 from service.engine.cas import MAX_ATTEMPTS
@@ -316,8 +316,9 @@ class Scheduler:
         for r in finals:
             assert r.base is not None
             outputs = join_chunks(r.outputs)
-            record = written_record(r, r.base, self.model.contract, outputs, now, self.settings.replay_max_bytes)
-            writes.append((record, r.base.revision, r.base.token))
+            record = written_record(r, r.base, self.model.contract, outputs, now)
+            replay = replay_copy(r, outputs, self.settings.replay_max_bytes)
+            writes.append((record, r.base.revision, r.base.token, replay))
             replies.append(StepReply(r.session_id, record.step, outputs))
         try:
             started = time.perf_counter()

@@ -19,6 +19,7 @@ fails only that session's requests, not the batch it was loaded with.
 from __future__ import annotations
 
 import enum
+import secrets
 from dataclasses import dataclass, field, fields
 
 import orjson
@@ -92,6 +93,11 @@ _APART = (
     *("expires_in", "token"),  # from PTTL; field ``w``, written by the scripts
 )
 assert {*_META, *_APART} == {f.name for f in fields(SessionRecord)}, "every SessionRecord field must be stored"
+
+
+def new_write_token() -> str:
+    """A fresh write token (field ``w``): 64 random bits."""
+    return secrets.token_hex(8)
 
 
 def check(record: SessionRecord) -> None:

@@ -22,7 +22,6 @@ The store starts no processes: it connects to a URL (an embedded Redis is the co
 from __future__ import annotations
 
 import contextlib
-import secrets
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any
@@ -48,6 +47,7 @@ from service.store.record import (
     decode,
     encode,
     encode_constants,
+    new_write_token,
     replay_key,
     session_key,
 )
@@ -147,7 +147,7 @@ class SessionStore:
             raise TooManySessions(f"the server holds its limit of {max_sessions} sessions")
         if reserved == counting.OWNER_FULL:
             raise TooManySessions(f"this API key holds its limit of {max_per_owner} sessions")
-        args = [record.ttl_s * 1000, secrets.token_hex(8), *encode(record), *encode_constants(record)]
+        args = [record.ttl_s * 1000, new_write_token(), *encode(record), *encode_constants(record)]
         [created] = await self._run([(SCRIPTS["create"], (session_key(record.session_id),), args)])
         return bool(created)
 
@@ -175,41 +175,45 @@ class SessionStore:
         In the same atomic step the session's replay copy is set to ``last_reply`` for
         ``replay_window_s`` seconds, or deleted when ``last_reply`` is empty.
         """
-        tokened = [(record, expected, "") for record, expected in writes]
+        # A fresh token each: a record copied from the one it replaces still carries that one's.
+        tokened = [(replace(r, token=new_write_token()), expected, "", r.last_reply) for r, expected in writes]
         return [outcome for outcome, _ in await self.compare_and_set(tokened, replay_window_s=replay_window_s)]
 
     async def compare_and_set(
-        self, writes: Sequence[tuple[SessionRecord, int, str]], *, replay_window_s: float = 60.0
+        self, writes: Sequence[tuple[SessionRecord, int, str, bytes]], *, replay_window_s: float = 60.0
     ) -> list[tuple[WriteOutcome, SessionRecord]]:
-        """``save``, each ``(new_record, expected_revision, expected_token)`` also comparing the
-        stored write token with ``expected_token`` ('' = any: only the revision is compared).
+        """``save``, each ``(new_record, expected_revision, expected_token, replay)`` also comparing
+        the stored write token with ``expected_token`` ('' = any: only the revision is compared),
+        and keeping ``replay`` as the replay copy (b"": none; ``new_record.last_reply`` is not read).
 
-        Per write: its outcome and the record as written, with the fresh token of this write
-        (what a later write passes as ``expected_token`` to apply only over this one).
+        ``new_record.token`` is this write's token (what a later write passes as ``expected_token``
+        to apply only over this one) when it is fresh: set, and not ``expected_token``; otherwise
+        one is drawn here. Per write: its outcome and the record as written, with its token.
         """
         window_ms = max(1, round(replay_window_s * 1000))
         calls: list[Call] = []
         written: list[SessionRecord] = []
-        for record, expected, expected_token in writes:
+        for record, expected, expected_token, replay in writes:
             check(record)
             if record.revision != expected + 1:
                 raise ValueError(
                     f"session {record.session_id!r}: new revision {record.revision} "
                     f"must be expected revision {expected} + 1"
                 )
-            token = secrets.token_hex(8)  # fresh for every write, whatever the record carried
+            if not record.token or record.token == expected_token:  # e.g. a copy of the record it replaces
+                record = replace(record, token=new_write_token())
             args = [
                 expected,
                 record.ttl_s * 1000,
-                token,
+                record.token,
                 record.revision,
                 window_ms,
-                record.last_reply,
+                replay,
                 expected_token,
                 *encode(record),
             ]
             calls.append((SCRIPTS["save"], (session_key(record.session_id), replay_key(record.session_id)), args))
-            written.append(replace(record, token=token))
+            written.append(record)
         outcomes = [_OUTCOMES[int(r)] for r in await self._run(calls)]
         return list(zip(outcomes, written, strict=True))
 

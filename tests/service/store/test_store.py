@@ -238,13 +238,44 @@ async def test_a_write_with_an_expected_token_applies_only_over_that_very_write(
     await store.create(rec)
     [new] = present(await store.load(["aba"]))
     assert (new.revision, new.token != old.token) == (1, True)
-    [(outcome, _)] = await store.compare_and_set([(advanced(rec), 1, old.token)])
+    [(outcome, _)] = await store.compare_and_set([(advanced(rec), 1, old.token, b"")])
     assert outcome is WriteOutcome.CONFLICT
-    [(outcome, written)] = await store.compare_and_set([(advanced(rec), 1, new.token)])
+    [(outcome, written)] = await store.compare_and_set([(advanced(rec), 1, new.token, b"")])
     [stored] = present(await store.load(["aba"]))
     assert (outcome, stored.revision, stored.token) == (WriteOutcome.OK, 2, written.token)
-    [(outcome, _)] = await store.compare_and_set([(advanced(stored), 2, "")])  # '' compares the revision only
+    [(outcome, _)] = await store.compare_and_set([(advanced(stored), 2, "", b"")])  # '' compares the revision only
     assert outcome is WriteOutcome.OK
+
+
+async def test_a_write_keeps_a_fresh_token_of_its_own_and_never_reuses_the_one_it_replaces(
+    store: SessionStore,
+) -> None:
+    """The caller may bring the write's token (the scheduler does, to spare a record copy); a
+    record that still carries the token of the record it replaces (a copy of it) gets a new one,
+    as does one with none, so every write is named by a token of its own."""
+    await store.create(record("tok"))
+    [base] = present(await store.load(["tok"]))
+    [(outcome, written)] = await store.compare_and_set([(replace(advanced(base), token="mine"), 1, base.token, b"")])
+    [stored] = present(await store.load(["tok"]))
+    assert (outcome, written.token, stored.token) == (WriteOutcome.OK, "mine", "mine")
+    copied = advanced(stored)  # ``replace`` of the stored record: still its token
+    assert copied.token == "mine"
+    [(outcome, written)] = await store.compare_and_set([(copied, 2, "mine", b"")])
+    [stored] = present(await store.load(["tok"]))
+    assert outcome is WriteOutcome.OK and written.token not in ("", "mine") and stored.token == written.token
+    [(_, written)] = await store.compare_and_set([(replace(advanced(stored), token=""), 3, stored.token, b"")])
+    assert written.token
+    await store.save([(advanced(written), 4)])  # save draws a fresh one whatever the record carries
+    [stored] = present(await store.load(["tok"]))
+    assert stored.token not in ("", written.token)
+
+
+async def test_the_replay_copy_comes_from_the_write_not_the_record(store: SessionStore) -> None:
+    await store.create(record("rep"))
+    [base] = present(await store.load(["rep"]))
+    await store.compare_and_set([(replace(advanced(base), last_reply=b"ignored"), 1, base.token, b"kept")])
+    [stored] = present(await store.load(["rep"], with_reply=True))
+    assert stored.last_reply == b"kept"
 
 
 async def test_deleted_session_is_missing(store: SessionStore) -> None:
