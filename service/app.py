@@ -42,6 +42,7 @@ def load_models(settings: Settings) -> dict[str, RecurrentModel]:
             flags=settings.model_flags(name),
             providers=settings.providers,
             intra_op_threads=settings.intra_op_threads,
+            idle_spin=settings.idle_spin,
         )
         for name, path in settings.model_paths().items()
     }

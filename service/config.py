@@ -112,6 +112,12 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, ge=1, description="rows (sessions) per batch")
     max_batch_tokens: int = Field(8192, ge=1, description="sum of T (timesteps) over a batch")
     max_wait_us: int = Field(2000, ge=0, description="how long to wait for more work, only while the device is busy")
+    idle_spin: bool = Field(
+        True,
+        description="the idle path's tiny model calls (inline_max_cells, nothing else queued) run on a two-thread "
+        "ORT session whose threads spin between calls: an idle server answers sooner, for CPU spent spinning "
+        "while lightly loaded; false = one thread, no spinning (the main session never spins)",
+    )
     inline_max_cells: int = Field(
         16,
         ge=0,

@@ -95,6 +95,7 @@ class RecurrentModel:
         flags: FlagDeclaration | None = None,
         providers: list[str] | None = None,
         intra_op_threads: int = 0,
+        idle_spin: bool = True,
         warm_up: bool = True,
     ) -> None:
         self.path = Path(path)
@@ -135,12 +136,16 @@ class RecurrentModel:
         self.provider = self.session.get_providers()[0]
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         self._output_names = [o.name for o in self.session.get_outputs()]
-        # Tiny calls (``run(tiny=True)``: the scheduler's inline ones, B x T of a few cells) on the
-        # CPU go to a second session with one thread: handing a B=1 step to ORT's pool costs more
-        # than it saves (67 vs 99 us here, docs/bench/README.md). It holds a second copy of the weights.
+        # Tiny calls (``run(tiny=True)``: the scheduler's inline ones, B x T of a few cells, made
+        # only when nothing else is queued) on the CPU go to a second session: with ``idle_spin``
+        # two threads that spin between calls, as a naive server's pool does (a B=1 step on a
+        # sleeping pool waits for its threads to wake), else one thread (no pool to wake). The
+        # main session never spins: under load its threads would take the loop's and Redis's
+        # cores (docs/bench/README.md). It holds a second copy of the weights.
         self._tiny_session = self.session
-        if self.device == "cpu" and intra_op_threads != 1 and self.path.stat().st_size <= TINY_SESSION_MAX_BYTES:
-            tiny = self._options_with(intra_op_threads=1)
+        small = self.path.stat().st_size <= TINY_SESSION_MAX_BYTES
+        if self.device == "cpu" and small and (idle_spin or intra_op_threads != 1):
+            tiny = self._options_with(intra_op_threads=2 if idle_spin else 1, spin=idle_spin)
             self._tiny_session = self._session(source, ["CPUExecutionProvider"], tiny)
         log.info(
             "model %s (%s form, %s) runs on %s; fingerprint %s",
@@ -177,13 +182,13 @@ class RecurrentModel:
         return entry
 
     @staticmethod
-    def _options_with(*, intra_op_threads: int) -> ort.SessionOptions:
+    def _options_with(*, intra_op_threads: int, spin: bool = False) -> ort.SessionOptions:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         # ORT's pool threads spin while waiting for work; on a box whose cores also run the event
         # loop and Redis that spinning takes their CPU (see docs/bench/README.md).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         options.log_severity_level = 3
         return options
 

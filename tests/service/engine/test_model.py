@@ -215,14 +215,21 @@ def test_float_mask_models_are_fed_a_float_mask(tmp_path: Path) -> None:
     assert out.outputs["y"][0, :, 0].tolist() == [1.0, 0.0, 1.0]
 
 
+SPINNING = "session.intra_op.allow_spinning"
+
+
 @pytest.mark.parametrize("name", ["gru_stacked", "gru_stacked_step", "lstm", "lstm_step"])
-def test_tiny_calls_run_on_a_one_thread_session_with_the_same_results(loaded: dict[str, Any], name: str) -> None:
-    """``run(tiny=True)`` (the scheduler's inline calls) takes a second, one-thread session on the
-    CPU; a padded batch gives the same outputs and carried states on both."""
+def test_tiny_calls_run_on_a_spinning_idle_session_with_the_same_results(loaded: dict[str, Any], name: str) -> None:
+    """``run(tiny=True)`` (the scheduler's inline calls) takes a second session on the CPU, two
+    threads that spin (``idle_spin``; the main session never spins); a padded batch gives the
+    same outputs and carried states on both."""
     model = loaded[name]
     if model.device == "cpu":
         assert model._tiny_session is not model.session
-        assert model._tiny_session.get_session_options().intra_op_num_threads == 1
+        tiny_options, main_options = model._tiny_session.get_session_options(), model.session.get_session_options()
+        assert tiny_options.intra_op_num_threads == 2
+        assert tiny_options.get_session_config_entry(SPINNING) == "1"
+        assert main_options.get_session_config_entry(SPINNING) == "0"
     rng = np.random.default_rng(3)
     c = model.contract
     inputs = {t.name: rng.standard_normal((3, 4, *t.shape)).astype(t.dtype) for t in c.inputs}
@@ -235,8 +242,11 @@ def test_tiny_calls_run_on_a_one_thread_session_with_the_same_results(loaded: di
         np.testing.assert_allclose(tiny.states[k], main.states[k], atol=1e-6)
     for k, v in states.items():  # the all-padding row carried its state on the tiny session too
         np.testing.assert_array_equal(tiny.states[k][2], v[2])
-    one_thread = RecurrentModel(model.path, flags=None, intra_op_threads=1)
-    assert one_thread._tiny_session is one_thread.session  # already one thread: no second copy
+    quiet = RecurrentModel(model.path, flags=None, idle_spin=False)  # one thread, no spinning
+    quiet_options = quiet._tiny_session.get_session_options()
+    assert quiet_options.intra_op_num_threads == 1 and quiet_options.get_session_config_entry(SPINNING) == "0"
+    one_thread = RecurrentModel(model.path, flags=None, intra_op_threads=1, idle_spin=False)
+    assert one_thread._tiny_session is one_thread.session  # already one quiet thread: no second copy
 
 
 def test_no_second_session_for_a_big_model(exported: dict[str, Exported], monkeypatch: pytest.MonkeyPatch) -> None:
