@@ -189,12 +189,13 @@ def test_a_call_without_a_sequence_is_stateless(
 ) -> None:
     x = random_inputs(models["gru"].contract, 5, np.random.default_rng(8))
     with redis_server.client() as r:
-        keys = r.dbsize()
+        keys = set(r.scan_iter())
         for sequence_id in (0, ""):
             out = infer(client, "gru", x, sequence_id=sequence_id)
             ref, _ = offline(models["gru"], x)
             np.testing.assert_allclose(out["y"], ref["y"], atol=1e-5, rtol=0)
-        assert r.dbsize() == keys  # nothing stored
+        # Nothing stored (earlier tests' keys may expire meanwhile: a count could drop by one).
+        assert set(r.scan_iter()) <= keys
 
 
 def test_a_sequence_moves_between_replicas(
