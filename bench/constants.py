@@ -50,15 +50,15 @@ async def run(
     ids = [(await service.create(constants={"memory": rng.standard_normal((n, 10))})).session_id for n in sizes]
     padded = [0, 0]  # memory positions in model calls: (real, all)
     scheduler = service.schedulers["attn"]
-    original = scheduler._run_group
+    original = scheduler._run_model
 
-    def counting(rows: list[Any], tiny: bool = False) -> Any:  # the memory cells each model call carries
-        real = [r.constants["memory"].shape[0] for r in rows]
+    async def counting(rows: list[Any]) -> None:  # the memory cells each model call carries
+        real = [r.constants["memory"].shape[0] for r in rows]  # equal step counts: one call per batch
         padded[0] += sum(real)
         padded[1] += len(real) * max(real)
-        return original(rows, tiny)
+        await original(rows)
 
-    scheduler._run_group = counting  # type: ignore[method-assign]
+    scheduler._run_model = counting  # type: ignore[method-assign]
 
     async def one(sid: str) -> None:
         for _ in range(args.requests):

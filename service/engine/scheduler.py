@@ -33,7 +33,7 @@ import numpy as np
 
 from service.config import Settings
 from service.engine.admission import admission, replay_copy, written_record
-from service.engine.batch import StepReply, StepRequest, join_chunks, pad_rows, split_chunks, unpad_rows
+from service.engine.batch import PaddedBatch, StepReply, StepRequest, join_chunks, pad_rows, split_chunks, unpad_rows
 from service.engine.buckets import padding_ratio, plan_buckets
 from service.engine.cas import MAX_ATTEMPTS
 from service.engine.generation import Generation, advance, first_inputs
@@ -55,7 +55,8 @@ from service.store.store import SessionRecord, SessionStore, WriteOutcome
 
 log = logging.getLogger(__name__)
 __all__ = ["Scheduler", "StepReply", "StepRequest"]
-PIPELINE_DEPTH = 2  # batches between gather and write: one on the device, one being prepared
+# Batches between gather and write: one writing, one on the device, one queued behind it.
+PIPELINE_DEPTH = 3
 
 
 class Scheduler:
@@ -72,7 +73,7 @@ class Scheduler:
         self._in_flight: set[str] = set()
         self._generating: dict[str, StepRequest] = {}  # session -> its running generation's row
         self._changed = asyncio.Event()
-        self._device = asyncio.Lock()
+        self._on_device = 0  # calls queued on or running in the device thread
         self._slots = asyncio.Semaphore(PIPELINE_DEPTH)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"device-{name}")
         self._tasks: set[asyncio.Task[None]] = set()
@@ -170,10 +171,10 @@ class Scheduler:
         while True:
             self._changed.clear()
             rows = self._eligible()
-            if rows and self._device.locked() and not self._full(rows) and self.settings.max_wait_us > 0:
+            if rows and self._on_device and not self._full(rows) and self.settings.max_wait_us > 0:
                 # The device is busy anyway: a short wait lets more work join this batch.
                 deadline = time.monotonic() + self.settings.max_wait_us / 1e6
-                while self._device.locked() and not self._full(rows) and (left := deadline - time.monotonic()) > 0:
+                while self._on_device and not self._full(rows) and (left := deadline - time.monotonic()) > 0:
                     self._changed.clear()
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._changed.wait(), left)
@@ -278,33 +279,54 @@ class Scheduler:
         return [r for r in admitted if not r.future.done()]
 
     async def _run_model(self, rows: list[StepRequest]) -> None:
-        groups = plan_buckets([r.chunk_steps for r in rows], self.settings.bucket_overhead_tokens)
-        loop = asyncio.get_running_loop()
-        async with self._device:
-            for group in groups:
-                members = [rows[i] for i in group]
-                steps = [r.chunk_steps for r in members]
-                started = time.perf_counter()
-                if len(self._queue) <= len(rows) and len(members) * max(steps) <= self.settings.inline_max_cells:
-                    # Nothing else waits and the call is tiny: the hop to the device thread and
-                    # back (two context switches) would cost more than the loop is blocked.
-                    result = self._run_group(members, tiny=True)
-                else:
-                    result = await loop.run_in_executor(self._executor, self._run_group, members)
-                self.model_calls += 1
-                self.call_shapes.append((len(members), max(steps)))
-                if self.metrics:
-                    self.metrics.model_call(time.perf_counter() - started, len(steps), padding_ratio(steps))
-                for r, row in zip(members, unpad_rows(result, [r.chunk_steps for r in members]), strict=True):
-                    r.outputs.append(row.outputs)
-                    r.states = row.states
-                    r.next_chunk += 1
+        groups = [
+            [rows[i] for i in g]
+            for g in plan_buckets([r.chunk_steps for r in rows], self.settings.bucket_overhead_tokens)
+        ]
+        calls: list[asyncio.Future[tuple[BatchResult, float]] | tuple[BatchResult, float]] = []
+        for members in groups:
+            cells = len(members) * max(r.chunk_steps for r in members)
+            if not self._on_device and len(self._queue) <= len(rows) and cells <= self.settings.inline_max_cells:
+                # Nothing else waits and the call is tiny: the hop to the device thread and
+                # back (two context switches) would cost more than the loop is blocked.
+                calls.append(self._run_batch(pad_rows(self.model.contract, members), tiny=True))
+            else:
+                calls.append(self._on_device_thread(members))
+        for members, call in zip(groups, calls, strict=True):
+            result, seconds = await call if isinstance(call, asyncio.Future) else call
+            steps = [r.chunk_steps for r in members]
+            self.model_calls += 1
+            self.call_shapes.append((len(members), max(steps)))
+            if self.metrics:
+                self.metrics.model_call(seconds, len(steps), padding_ratio(steps))
+            for r, row in zip(members, unpad_rows(result, steps), strict=True):
+                r.outputs.append(row.outputs)
+                r.states = row.states
+                r.next_chunk += 1
 
-    def _run_group(self, rows: list[StepRequest], tiny: bool = False) -> BatchResult:
-        """Pad the rows' current chunks to one ``[B, T]`` batch and run it (device thread, or
-        inline for a tiny batch when nothing else waits: ``inline_max_cells``)."""
+    def _on_device_thread(self, rows: list[StepRequest]) -> asyncio.Future[tuple[BatchResult, float]]:
+        """Queue the call in the device thread, behind those already there: the thread starts
+        the next call the moment one ends, without waiting for the loop to hand it over (at 8
+        steps per request that wait left the device idle a third of the time). The batch is
+        padded here, on the loop: in the device thread the padding waited for the GIL behind
+        the busy loop (1 to 3 ms of a 9 ms call, against 0.3 ms of work)."""
+        self._on_device += 1
         batch = pad_rows(self.model.contract, rows)
-        return self.model.run(batch.inputs, batch.mask, batch.states, batch.constants, tiny=tiny)
+        call = asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, batch, False)
+        call.add_done_callback(self._off_device)
+        return call
+
+    def _off_device(self, _: object) -> None:
+        self._on_device -= 1
+        if not self._on_device:
+            self._changed.set()  # a gatherer waiting for a fuller batch need wait no longer
+
+    def _run_batch(self, batch: PaddedBatch, tiny: bool) -> tuple[BatchResult, float]:
+        """Run one padded batch (device thread, or inline for a tiny batch when nothing else
+        waits: ``inline_max_cells``); with its time."""
+        started = time.perf_counter()
+        result = self.model.run(batch.inputs, batch.mask, batch.states, batch.constants, tiny=tiny)
+        return result, time.perf_counter() - started
 
     async def _write(self, finals: list[StepRequest]) -> list[StepRequest]:
         """One pipelined round trip; each session's write is a CAS on the revision and write token

@@ -19,6 +19,8 @@ fails only that session's requests, not the batch it was loaded with.
 from __future__ import annotations
 
 import enum
+import itertools
+import os
 import secrets
 from dataclasses import dataclass, field, fields
 
@@ -95,9 +97,29 @@ _APART = (
 assert {*_META, *_APART} == {f.name for f in fields(SessionRecord)}, "every SessionRecord field must be stored"
 
 
+class _WriteTokens:
+    """64 random bits per process, then a counter: unique across processes and replicas like a
+    random token, without a ``getrandom`` system call per write (about 5 µs on a VM, once per
+    request). A forked child draws its own prefix, so it never repeats its parent's tokens."""
+
+    def __init__(self) -> None:
+        self.renew()
+        os.register_at_fork(after_in_child=self.renew)
+
+    def renew(self) -> None:
+        self.prefix = secrets.token_hex(8)
+        self.counter = itertools.count()
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.counter):x}"
+
+
+_write_tokens = _WriteTokens()
+
+
 def new_write_token() -> str:
-    """A fresh write token (field ``w``): 64 random bits."""
-    return secrets.token_hex(8)
+    """A fresh write token (field ``w``), never drawn before by any process."""
+    return _write_tokens.next()
 
 
 def check(record: SessionRecord) -> None:

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from model_export.verify import random_inputs
+from service.engine.batch import PaddedBatch
 from service.engine.model import RecurrentModel
 from service.engine.scheduler import Scheduler, StepRequest
 from service.errors import Overloaded, StepConflict, Unavailable
@@ -72,13 +73,13 @@ async def test_a_session_is_in_a_batch_at_most_once(
     redis_url: str, loaded: dict[str, RecurrentModel], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[list[str]] = []
-    original = Scheduler._run_group
+    original = Scheduler._run_model
 
-    def spy(self: Scheduler, rows: list[StepRequest], tiny: bool = False):  # type: ignore[no-untyped-def]
+    async def spy(self: Scheduler, rows: list[StepRequest]) -> None:  # one group per batch here
         seen.append([r.session_id for r in rows])
-        return original(self, rows, tiny)
+        await original(self, rows)
 
-    monkeypatch.setattr(Scheduler, "_run_group", spy)
+    monkeypatch.setattr(Scheduler, "_run_model", spy)
     model = loaded["gru_stacked"]
     x = {"x": np.ones((2, 4), np.float32)}
     async with running_engine(redis_url, {"m": model}, bucket_overhead_tokens=10**9) as engine:
@@ -103,13 +104,13 @@ async def test_batches_respect_row_and_token_limits(
     redis_url: str, loaded: dict[str, RecurrentModel], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sizes: list[tuple[int, int]] = []
-    original = Scheduler._run_group
+    original = Scheduler._run_model
 
-    def spy(self: Scheduler, rows: list[StepRequest], tiny: bool = False):  # type: ignore[no-untyped-def]
+    async def spy(self: Scheduler, rows: list[StepRequest]) -> None:  # one group per batch here
         sizes.append((len(rows), sum(r.chunk_steps for r in rows)))
-        return original(self, rows, tiny)
+        await original(self, rows)
 
-    monkeypatch.setattr(Scheduler, "_run_group", spy)
+    monkeypatch.setattr(Scheduler, "_run_model", spy)
     async with running_engine(
         redis_url, {"m": loaded["gru_stacked"]}, max_batch_size=3, max_batch_tokens=10, bucket_overhead_tokens=10**9
     ) as engine:
@@ -249,6 +250,34 @@ async def test_redis_killed_mid_run_then_restarted(tmp_path: Path, loaded: dict[
         server.stop()
 
 
+async def test_a_batch_admitted_while_another_runs_waits_in_the_device_queue(
+    redis_url: str, loaded: dict[str, RecurrentModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next batch is queued in the device thread while one runs (the thread starts it the
+    moment the first ends), not handed over by the loop afterwards; both stay exact."""
+    seen_on_device: list[int] = []
+    original = Scheduler._run_batch
+
+    def spy(self: Scheduler, batch: PaddedBatch, tiny: bool):  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + 10
+        while not seen_on_device and self._on_device < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)  # the first call holds the device until a second is queued behind it
+        seen_on_device.append(self._on_device)
+        return original(self, batch, tiny)
+
+    monkeypatch.setattr(Scheduler, "_run_batch", spy)
+    model = loaded["gru_stacked"]
+    rng = np.random.default_rng(8)
+    chunks = [random_inputs(model.contract, n, rng) for n in (3, 5)]
+    async with running_engine(redis_url, {"m": model}, max_batch_size=1, inline_max_cells=0) as engine:
+        ids = [(await engine.create()).session_id for _ in chunks]
+        replies = await asyncio.gather(*(engine.step(s, c) for s, c in zip(ids, chunks, strict=True)))
+        states = [await exported_state(engine, s) for s in ids]
+    assert len(seen_on_device) == 2 and seen_on_device[0] == 2  # queued while the first ran
+    for chunk, reply, state in zip(chunks, replies, states, strict=True):
+        assert_matches_offline(model, chunk, reply.outputs, {"h0": state["h0"]})
+
+
 @pytest.mark.parametrize("inline_max_cells", [0, 4])
 async def test_tiny_calls_with_nothing_queued_run_on_the_event_loop(
     redis_url: str, loaded: dict[str, RecurrentModel], monkeypatch: pytest.MonkeyPatch, inline_max_cells: int
@@ -256,14 +285,14 @@ async def test_tiny_calls_with_nothing_queued_run_on_the_event_loop(
     """``inline_max_cells``: a call of at most that many rows × timesteps skips the device
     thread when nothing else is queued; bigger calls, and every call at 0, use it. Same results."""
     on_device: list[bool] = []
-    original = Scheduler._run_group
+    original = Scheduler._run_batch
 
-    def spy(self: Scheduler, rows: list[StepRequest], tiny: bool = False):  # type: ignore[no-untyped-def]
+    def spy(self: Scheduler, batch: PaddedBatch, tiny: bool):  # type: ignore[no-untyped-def]
         on_device.append(threading.current_thread().name.startswith("device-"))
         assert tiny is not on_device[-1]  # inline calls run on the model's one-thread session
-        return original(self, rows, tiny)
+        return original(self, batch, tiny)
 
-    monkeypatch.setattr(Scheduler, "_run_group", spy)
+    monkeypatch.setattr(Scheduler, "_run_batch", spy)
     model = loaded["gru_stacked"]
     rng = np.random.default_rng(5)
     chunks = [random_inputs(model.contract, n, rng) for n in (1, 4, 5, 2)]

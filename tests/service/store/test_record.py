@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -16,7 +17,7 @@ import redis
 from model_export.verify import random_inputs
 from service.engine.model import RecurrentModel
 from service.errors import SessionCorrupt, SessionNotFound
-from service.store.record import SessionRecord, decode, encode, session_key
+from service.store.record import SessionRecord, decode, encode, new_write_token, session_key
 from tests.engines import assert_matches_offline, exported_state, running_engine
 from tests.live_server import live_server
 from tests.redis_fixture import RedisServer
@@ -31,6 +32,23 @@ def stored(rec: SessionRecord, pttl_ms: int = 5000) -> list[Any]:
 
 
 # -- the codec ----------------------------------------------------------------------------------
+
+
+def test_write_tokens_never_repeat_in_a_process_or_across_a_fork() -> None:
+    """The token names one write (the store's CAS and resend checks rely on it): a forked worker
+    must not draw the tokens its parent draws next."""
+    ours = [new_write_token() for _ in range(1000)]
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe and exits
+        os.write(write, " ".join(new_write_token() for _ in range(1000)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        theirs = pipe.read().split()
+    os.waitpid(child, 0)
+    ours += [new_write_token() for _ in range(1000)]
+    assert len(theirs) == 1000 and len(set(ours) | set(theirs)) == 3000
 
 
 def test_a_record_survives_encode_and_decode() -> None:

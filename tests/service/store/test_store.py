@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -15,6 +14,7 @@ import pytest
 import redis
 
 from service.errors import SessionCorrupt, StoreUnavailable
+from service.store import store as store_module
 from service.store.record import replay_key
 from service.store.store import SessionRecord, SessionStore, WriteOutcome, session_key
 from tests.redis_fixture import RedisServer
@@ -321,13 +321,13 @@ async def _created(store: SessionStore, sid: str) -> SessionRecord:
 async def test_a_resent_write_is_recognised_by_its_token(store: SessionStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """redis-py re-sends a pipeline whose reply was lost; the write must not then read as lost."""
     rec = record("resend")
-    monkeypatch.setattr(secrets, "token_hex", lambda n: "same-token")
+    monkeypatch.setattr(store_module, "new_write_token", lambda: "same-token")
     assert await store.create(rec)
     assert await store.create(rec)  # the "re-sent" create
     write = advanced(rec)
     assert await store.save([(write, 1)]) == [WriteOutcome.OK]
     assert await store.save([(write, 1)]) == [WriteOutcome.OK]  # the "re-sent" save
-    monkeypatch.setattr(secrets, "token_hex", lambda n: "other-token")
+    monkeypatch.setattr(store_module, "new_write_token", lambda: "other-token")
     assert await store.save([(write, 1)]) == [WriteOutcome.CONFLICT]  # someone else's stale write
     assert not await store.create(rec)
 
