@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, description="TCP port")
     workers: int = Field(1, ge=1, description="server processes (each runs its own batcher; state is shared in Redis)")
     log_format: Literal["text", "json"] = Field("text", description="log lines as text, or JSON for log shippers")
+    access_log: bool = Field(
+        True,
+        description="one log line per HTTP request (logger service.access); at thousands of requests/s "
+        "the line costs a few % of the CPU, and the request metrics count every request either way",
+    )
     models: list[str] = Field(
         [f"charlm={BUNDLED_MODEL}"],
         description="NAME=PATH of a served model (repeatable; the first is the default)",

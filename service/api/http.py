@@ -336,5 +336,10 @@ def install_http(app: FastAPI, state: AppState) -> None:
     # Added first, so it runs inside the request middleware (ids, body limit, log, metrics).
     step = next(r for r in router.routes if getattr(r, "endpoint", None) is step_session)
     app.add_middleware(FastRoute, route=step, handler=step_reply)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=state.settings.max_body_bytes, metrics=state.metrics)
+    app.add_middleware(
+        RequestContextMiddleware,
+        max_body_bytes=state.settings.max_body_bytes,
+        metrics=state.metrics,
+        access_log=state.settings.access_log,
+    )
     install_openapi(app)

@@ -100,12 +100,14 @@ class RequestContextMiddleware:
     """Per HTTP request: an ``X-Request-ID`` (the client's if sane, else ``RequestIds``) in the
     scope state and on the response; the body limit (``max_body_bytes``: by Content-Length before
     any byte is read, and while the body streams in); one access log line and the request
-    metrics, labelled by route template; and a problem+json 500 for an unexpected exception."""
+    metrics, labelled by route template (the line can be turned off: ``access_log``); and a
+    problem+json 500 for an unexpected exception."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, metrics: Metrics, access_log: bool = True) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
+        self.access_log = access_log  # setting access_log: the line, not the metrics
         self.ids = RequestIds()
         # Labelled children by (route, method, status) and route: a ``labels()`` lookup per
         # request (lock, tuple, dict) is a visible share of the CPU at high request rates.
@@ -181,6 +183,8 @@ class RequestContextMiddleware:
             timed = self._timed[route] = self.metrics.request_latency.labels(route)
         counted.inc()
         timed.observe(seconds)
+        if not self.access_log:
+            return
         access_log.info(
             "method=%s route=%s path=%s status=%d duration_ms=%.2f request_id=%s",
             method,

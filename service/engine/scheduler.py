@@ -9,9 +9,10 @@ pads the chosen rows into one batch, ``RecurrentModel`` runs it, ``SessionStore`
   for more only while the device is busy.
 * Long requests run in ``max_chunk`` chunks in consecutive batches, their intermediate state in
   memory; only the last chunk writes, so a request is applied whole or not at all.
-* Pipelining: while batch k runs in the device thread, batch k+1 is gathered and its states
-  loaded (one round trip; none for sessions whose record this process last wrote, ``reads``);
-  batch k's write (one round trip, CAS per session) overlaps k+1's run.
+* Pipelining: while batch k runs in the device thread, batch k+1 is gathered, its states
+  loaded (one round trip; none for sessions whose record this process last wrote, ``reads``),
+  padded on the loop and queued in the device thread behind k, which starts it the moment k
+  ends; batch k-1's write (one round trip, CAS per session) overlaps both.
   A tiny batch (``inline_max_cells``) with nothing else queued runs on the event loop instead.
 * Generations (continuous batching, ``generation.py``): a generation's row re-enters the queue
   at its back after every iteration with its next token as input, its state in memory and its

@@ -571,6 +571,28 @@ async def test_request_ids_and_access_log(client: httpx.AsyncClient, caplog: pyt
     assert record.duration_ms >= 0 and "request_id=client-id_1.2" in record.getMessage()  # type: ignore[attr-defined]
 
 
+async def test_access_log_off_writes_no_line_but_still_counts_the_request(
+    redis_server: RedisServer, loaded: dict[str, RecurrentModel], caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        live_server(db_url(redis_server, 4), {"gru": loaded["gru_stacked"]}, access_log=False) as server,
+        caplog.at_level(logging.INFO, logger="service.access"),
+    ):
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            assert (await c.get("/v1/sessions/nope")).status_code == 404
+            await asyncio.sleep(0.2)  # the line would be written right after the response
+            scrape = (await c.get("/metrics")).text
+    assert not [r for r in caplog.records if r.name == "service.access"]
+    counted = {
+        (m.labels["route"], m.labels["status"]): m.value
+        for family in text_string_to_metric_families(scrape)
+        if family.name == "carryover_http_requests"
+        for m in family.samples
+        if m.name == "carryover_http_requests_total"
+    }
+    assert counted[("/v1/sessions/{session_id}", "404")] == 1
+
+
 async def test_unexpected_error_is_a_logged_500(
     api_server: LiveServer, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
