@@ -71,5 +71,7 @@ def api_server(redis_server: RedisServer, loaded: dict[str, RecurrentModel]) -> 
     """One server per test module with three models: ``gru`` (default, features [T, 4] → y [T, 3]),
     ``tokens`` (token LM, vocab of 11) and ``lstm_step`` (a step-form LSTM)."""
     models = {name: loaded[key] for name, key in API_MODELS.items()}
-    with live_server(redis_server.url, models, max_steps_per_request=1000, max_body_bytes=256 * 1024) as server:
+    with live_server(
+        redis_server.url, models, max_steps_per_request=1000, max_body_bytes=256 * 1024, access_log=True
+    ) as server:
         yield server

@@ -103,7 +103,7 @@ class RequestContextMiddleware:
     metrics, labelled by route template (the line can be turned off: ``access_log``); and a
     problem+json 500 for an unexpected exception."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, metrics: Metrics, access_log: bool = True) -> None:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, metrics: Metrics, access_log: bool = False) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics

@@ -45,7 +45,14 @@ def fleet(
     redis_server: RedisServer, exported: dict[str, Exported], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("replicas")
-    common = ("--model", f"gru={exported['gru_stacked'].sequence}", "--redis-url", redis_server.url)
+    common = (
+        "--model",
+        f"gru={exported['gru_stacked'].sequence}",
+        "--redis-url",
+        redis_server.url,
+        "--access-log",
+        "true",
+    )
     procs = [ServeProcess(tmp, *common, wait=False) for _ in range(3)]
     procs.append(ServeProcess(tmp, *common, "--workers", "2", "--log-format", "json", wait=False))
     try:

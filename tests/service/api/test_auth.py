@@ -68,7 +68,7 @@ def server(
     redis_server: RedisServer, models: dict[str, RecurrentModel], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     key_file = write_keys(tmp_path_factory.mktemp("keys") / "keys.txt", alice=ALICE, bob=BOB)
-    with keyed_server(fresh_db(redis_server, 6), models, key_file) as s:
+    with keyed_server(fresh_db(redis_server, 6), models, key_file, access_log=True) as s:  # for the log test
         yield s
 
 

@@ -571,11 +571,11 @@ async def test_request_ids_and_access_log(client: httpx.AsyncClient, caplog: pyt
     assert record.duration_ms >= 0 and "request_id=client-id_1.2" in record.getMessage()  # type: ignore[attr-defined]
 
 
-async def test_access_log_off_writes_no_line_but_still_counts_the_request(
+async def test_the_access_log_is_off_by_default_and_requests_are_still_counted(
     redis_server: RedisServer, loaded: dict[str, RecurrentModel], caplog: pytest.LogCaptureFixture
 ) -> None:
     with (
-        live_server(db_url(redis_server, 4), {"gru": loaded["gru_stacked"]}, access_log=False) as server,
+        live_server(db_url(redis_server, 4), {"gru": loaded["gru_stacked"]}) as server,
         caplog.at_level(logging.INFO, logger="service.access"),
     ):
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
