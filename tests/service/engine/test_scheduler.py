@@ -16,7 +16,7 @@ from model_export.verify import random_inputs
 from service.engine.batch import PaddedBatch
 from service.engine.model import RecurrentModel
 from service.engine.scheduler import Scheduler, StepRequest
-from service.errors import Overloaded, StepConflict, Unavailable
+from service.errors import CarryoverError, Overloaded, StepConflict, Unavailable
 from tests.engines import assert_matches_offline, exported_state, running_engine
 from tests.redis_fixture import RedisServer
 
@@ -248,6 +248,33 @@ async def test_redis_killed_mid_run_then_restarted(tmp_path: Path, loaded: dict[
             )
     finally:
         server.stop()
+
+
+async def test_a_failed_model_call_fails_its_batch_only_and_frees_the_device(
+    redis_url: str, loaded: dict[str, RecurrentModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model call that raises in the device thread fails that batch's requests (an internal
+    error, nothing written) and leaves the device free for the next, which stays exact."""
+    original = Scheduler._run_batch
+    failures = [RuntimeError("the runtime failed")]
+
+    def flaky(self: Scheduler, batch: PaddedBatch, tiny: bool):  # type: ignore[no-untyped-def]
+        if failures:
+            raise failures.pop()
+        return original(self, batch, tiny)
+
+    monkeypatch.setattr(Scheduler, "_run_batch", flaky)
+    model = loaded["gru_stacked"]
+    x = random_inputs(model.contract, 6, np.random.default_rng(9))
+    async with running_engine(redis_url, {"m": model}, inline_max_cells=0) as engine:
+        sid = (await engine.create()).session_id
+        with pytest.raises(CarryoverError, match="internal error while running the batch: RuntimeError"):
+            await engine.step(sid, x)
+        assert engine.schedulers["m"]._on_device == 0
+        reply = await engine.step(sid, x, expected_step=0)  # the failed request applied nothing
+        state = await exported_state(engine, sid)
+    assert reply.step == 6
+    assert_matches_offline(model, x, reply.outputs, {"h0": state["h0"]})
 
 
 async def test_a_batch_admitted_while_another_runs_waits_in_the_device_queue(
