@@ -28,17 +28,17 @@ import contextlib
 import itertools
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from service.config import Settings
 from service.engine.admission import admission, replay_copy, written_record
-from service.engine.batch import PaddedBatch, StepReply, StepRequest, join_chunks, pad_rows, split_chunks, unpad_rows
+from service.engine.batch import StepReply, StepRequest, join_chunks, pad_rows, split_chunks, unpad_rows
 from service.engine.buckets import padding_ratio, plan_buckets
 from service.engine.cas import MAX_ATTEMPTS
+from service.engine.device import DeviceThread, Timed
 from service.engine.generation import Generation, advance, first_inputs
-from service.engine.model import BatchResult, RecurrentModel
+from service.engine.model import RecurrentModel
 from service.engine.reads import fetch_bases, fetch_replay
 from service.engine.record_cache import RecordCache
 from service.engine.tensors import session_tensors
@@ -74,9 +74,10 @@ class Scheduler:
         self._in_flight: set[str] = set()
         self._generating: dict[str, StepRequest] = {}  # session -> its running generation's row
         self._changed = asyncio.Event()
-        self._on_device = 0  # calls queued on or running in the device thread
         self._slots = asyncio.Semaphore(PIPELINE_DEPTH)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"device-{name}")
+        # Queue and thread of the model's calls; its last call ending wakes a gatherer that waits
+        # for a fuller batch only while the device is busy.
+        self.device = DeviceThread(model, name, on_idle=self._changed.set)
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -107,7 +108,7 @@ class Scheduler:
                 await self._loop_task
         for r in list(self._queue.values()):
             self._fail(r, ShuttingDown("the server is shutting down"))
-        self._executor.shutdown(wait=True)
+        self.device.shutdown()
 
     @property
     def queue_depth(self) -> int:
@@ -172,10 +173,10 @@ class Scheduler:
         while True:
             self._changed.clear()
             rows = self._eligible()
-            if rows and self._on_device and not self._full(rows) and self.settings.max_wait_us > 0:
+            if rows and self.device.busy and not self._full(rows) and self.settings.max_wait_us > 0:
                 # The device is busy anyway: a short wait lets more work join this batch.
                 deadline = time.monotonic() + self.settings.max_wait_us / 1e6
-                while self._on_device and not self._full(rows) and (left := deadline - time.monotonic()) > 0:
+                while self.device.busy and not self._full(rows) and (left := deadline - time.monotonic()) > 0:
                     self._changed.clear()
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._changed.wait(), left)
@@ -284,15 +285,15 @@ class Scheduler:
             [rows[i] for i in g]
             for g in plan_buckets([r.chunk_steps for r in rows], self.settings.bucket_overhead_tokens)
         ]
-        calls: list[asyncio.Future[tuple[BatchResult, float]] | tuple[BatchResult, float]] = []
+        calls: list[asyncio.Future[Timed] | Timed] = []
         for members in groups:
             cells = len(members) * max(r.chunk_steps for r in members)
-            if not self._on_device and len(self._queue) <= len(rows) and cells <= self.settings.inline_max_cells:
+            if not self.device.busy and len(self._queue) <= len(rows) and cells <= self.settings.inline_max_cells:
                 # Nothing else waits and the call is tiny: the hop to the device thread and
                 # back (two context switches) would cost more than the loop is blocked.
-                calls.append(self._run_batch(pad_rows(self.model.contract, members), tiny=True))
-            else:
-                calls.append(self._on_device_thread(members))
+                calls.append(self.device.run(pad_rows(self.model.contract, members), tiny=True))
+            else:  # padded here: in the device thread it waited for the GIL behind the busy loop
+                calls.append(self.device.submit(pad_rows(self.model.contract, members)))
         for members, call in zip(groups, calls, strict=True):
             result, seconds = await call if isinstance(call, asyncio.Future) else call
             steps = [r.chunk_steps for r in members]
@@ -304,32 +305,6 @@ class Scheduler:
                 r.outputs.append(row.outputs)
                 r.states = row.states
                 r.next_chunk += 1
-
-    def _on_device_thread(self, rows: list[StepRequest]) -> asyncio.Future[tuple[BatchResult, float]]:
-        """Queue the call in the device thread, behind those already there: the thread starts
-        the next call the moment one ends, without waiting for the loop to hand it over (at 8
-        steps per request that wait left the device idle a third of the time). The batch is
-        padded here, on the loop: in the device thread the padding waited for the GIL behind
-        the busy loop (1 to 3 ms of a 9 ms call, against 0.3 ms of work)."""
-        batch = pad_rows(self.model.contract, rows)
-        call = asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, batch, False)
-        self._on_device += 1
-        call.add_done_callback(self._off_device)
-        return call
-
-    def _off_device(self, call: asyncio.Future[tuple[BatchResult, float]]) -> None:
-        if not call.cancelled():
-            call.exception()  # retrieved: a batch that failed on an earlier call never awaits it
-        self._on_device -= 1
-        if not self._on_device:
-            self._changed.set()  # a gatherer waiting for a fuller batch need wait no longer
-
-    def _run_batch(self, batch: PaddedBatch, tiny: bool) -> tuple[BatchResult, float]:
-        """Run one padded batch (device thread, or inline for a tiny batch when nothing else
-        waits: ``inline_max_cells``); with its time."""
-        started = time.perf_counter()
-        result = self.model.run(batch.inputs, batch.mask, batch.states, batch.constants, tiny=tiny)
-        return result, time.perf_counter() - started
 
     async def _write(self, finals: list[StepRequest]) -> list[StepRequest]:
         """One pipelined round trip; each session's write is a CAS on the revision and write token

@@ -107,13 +107,13 @@ async def test_a_chunk_in_flight_past_the_idle_timeout_is_not_idleness(
     """A client waiting for a slow chunk's reply is not idle: the reply comes, and only the
     silence after it closes the connection (the idle watchdog looks again a timeout later)."""
     scheduler = app_state(limited.app).session_service().schedulers["gru"]
-    original = scheduler._run_batch
+    original = scheduler.device.run
 
     def slow(batch: Any, tiny: bool) -> Any:  # in the device thread: 20 cells > inline
         time.sleep(1.6)  # past ws_idle_timeout_s (1 s)
         return original(batch, tiny)
 
-    monkeypatch.setattr(scheduler, "_run_batch", slow)
+    monkeypatch.setattr(scheduler.device, "run", slow)
     ws, _ = await open_stream(limited, "/v1/stream")
     started = time.monotonic()
     await ws.send(chunk_frame("x", np.zeros((20, 4), np.float32), binary=True))

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from model_export.verify import random_inputs
 from service.engine.batch import PaddedBatch
+from service.engine.device import DeviceThread
 from service.engine.model import RecurrentModel
 from service.engine.scheduler import Scheduler, StepRequest
 from service.errors import CarryoverError, Overloaded, StepConflict, Unavailable
@@ -255,22 +256,22 @@ async def test_a_failed_model_call_fails_its_batch_only_and_frees_the_device(
 ) -> None:
     """A model call that raises in the device thread fails that batch's requests (an internal
     error, nothing written) and leaves the device free for the next, which stays exact."""
-    original = Scheduler._run_batch
+    original = DeviceThread.run
     failures = [RuntimeError("the runtime failed")]
 
-    def flaky(self: Scheduler, batch: PaddedBatch, tiny: bool):  # type: ignore[no-untyped-def]
+    def flaky(self: DeviceThread, batch: PaddedBatch, tiny: bool):  # type: ignore[no-untyped-def]
         if failures:
             raise failures.pop()
         return original(self, batch, tiny)
 
-    monkeypatch.setattr(Scheduler, "_run_batch", flaky)
+    monkeypatch.setattr(DeviceThread, "run", flaky)
     model = loaded["gru_stacked"]
     x = random_inputs(model.contract, 6, np.random.default_rng(9))
     async with running_engine(redis_url, {"m": model}, inline_max_cells=0) as engine:
         sid = (await engine.create()).session_id
         with pytest.raises(CarryoverError, match="internal error while running the batch: RuntimeError"):
             await engine.step(sid, x)
-        assert engine.schedulers["m"]._on_device == 0
+        assert engine.schedulers["m"].device.busy == 0
         reply = await engine.step(sid, x, expected_step=0)  # the failed request applied nothing
         state = await exported_state(engine, sid)
     assert reply.step == 6
@@ -283,16 +284,16 @@ async def test_a_batch_admitted_while_another_runs_waits_in_the_device_queue(
     """The next batch is queued in the device thread while one runs (the thread starts it the
     moment the first ends), not handed over by the loop afterwards; both stay exact."""
     seen_on_device: list[int] = []
-    original = Scheduler._run_batch
+    original = DeviceThread.run
 
-    def spy(self: Scheduler, batch: PaddedBatch, tiny: bool):  # type: ignore[no-untyped-def]
+    def spy(self: DeviceThread, batch: PaddedBatch, tiny: bool):  # type: ignore[no-untyped-def]
         deadline = time.monotonic() + 10
-        while not seen_on_device and self._on_device < 2 and time.monotonic() < deadline:
+        while not seen_on_device and self.busy < 2 and time.monotonic() < deadline:
             time.sleep(0.005)  # the first call holds the device until a second is queued behind it
-        seen_on_device.append(self._on_device)
+        seen_on_device.append(self.busy)
         return original(self, batch, tiny)
 
-    monkeypatch.setattr(Scheduler, "_run_batch", spy)
+    monkeypatch.setattr(DeviceThread, "run", spy)
     model = loaded["gru_stacked"]
     rng = np.random.default_rng(8)
     chunks = [random_inputs(model.contract, n, rng) for n in (3, 5)]
@@ -312,14 +313,14 @@ async def test_tiny_calls_with_nothing_queued_run_on_the_event_loop(
     """``inline_max_cells``: a call of at most that many rows × timesteps skips the device
     thread when nothing else is queued; bigger calls, and every call at 0, use it. Same results."""
     on_device: list[bool] = []
-    original = Scheduler._run_batch
+    original = DeviceThread.run
 
-    def spy(self: Scheduler, batch: PaddedBatch, tiny: bool):  # type: ignore[no-untyped-def]
+    def spy(self: DeviceThread, batch: PaddedBatch, tiny: bool):  # type: ignore[no-untyped-def]
         on_device.append(threading.current_thread().name.startswith("device-"))
         assert tiny is not on_device[-1]  # inline calls run on the model's one-thread session
         return original(self, batch, tiny)
 
-    monkeypatch.setattr(Scheduler, "_run_batch", spy)
+    monkeypatch.setattr(DeviceThread, "run", spy)
     model = loaded["gru_stacked"]
     rng = np.random.default_rng(5)
     chunks = [random_inputs(model.contract, n, rng) for n in (1, 4, 5, 2)]
