@@ -281,22 +281,20 @@ class Scheduler:
         return [r for r in admitted if not r.future.done()]
 
     async def _run_model(self, rows: list[StepRequest]) -> None:
-        groups = [
-            [rows[i] for i in g]
-            for g in plan_buckets([r.chunk_steps for r in rows], self.settings.bucket_overhead_tokens)
-        ]
+        lengths = [r.chunk_steps for r in rows]
+        groups = [[rows[i] for i in g] for g in plan_buckets(lengths, self.settings.bucket_overhead_tokens)]
+        group_steps = [[r.chunk_steps for r in members] for members in groups]
         calls: list[asyncio.Future[Timed] | Timed] = []
-        for members in groups:
-            cells = len(members) * max(r.chunk_steps for r in members)
+        for members, steps in zip(groups, group_steps, strict=True):
+            cells = len(steps) * max(steps)
             if not self.device.busy and len(self._queue) <= len(rows) and cells <= self.settings.inline_max_cells:
                 # Nothing else waits and the call is tiny: the hop to the device thread and
                 # back (two context switches) would cost more than the loop is blocked.
                 calls.append(self.device.run(pad_rows(self.model.contract, members), tiny=True))
             else:  # padded here: in the device thread it waited for the GIL behind the busy loop
                 calls.append(self.device.submit(pad_rows(self.model.contract, members)))
-        for members, call in zip(groups, calls, strict=True):
+        for members, steps, call in zip(groups, group_steps, calls, strict=True):
             result, seconds = await call if isinstance(call, asyncio.Future) else call
-            steps = [r.chunk_steps for r in members]
             self.model_calls += 1
             self.call_shapes.append((len(members), max(steps)))
             if self.metrics:
